@@ -129,6 +129,11 @@ def load_tokenizer(config: ModelConfig, resolved: ResolvedModel | None = None):
 
 
 def load_causal_lm(config: ModelConfig, resolved: ResolvedModel | None = None):
+    import torch
+
+    if not torch.cuda.is_available():
+        # transformers imports DeepSpeed, which otherwise warns on every load that it fell back to CPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from transformers import AutoModelForCausalLM
 
     resolved = resolved or resolve_model(config.name_or_path, revision=config.revision)
