@@ -59,6 +59,38 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from dialogrl.data.sources import DataError, format_problems, load_records
+
+    forbidden: list[str] = []
+    row_check = None
+    if args.model:
+        from dialogrl.data.chat_tokens import ChatTokenizer, TemplateError
+        from dialogrl.training.models import ModelConfig, load_tokenizer
+
+        try:
+            chat = ChatTokenizer(load_tokenizer(ModelConfig(name_or_path=args.model)))
+        except TemplateError as err:
+            raise UserError(f"{args.model}: {err}") from None
+        forbidden = chat.special_tokens
+        from dialogrl.data.lengths import length_check
+
+        row_check = length_check(chat, args.max_length)
+    try:
+        _records, report = load_records(
+            args.source, split=args.split, on_invalid="skip", rejects_path=args.rejects,
+            forbidden_substrings=forbidden, max_chars=args.max_chars, row_check=row_check,
+        )
+    except (DataError, ValueError) as err:
+        raise UserError(str(err)) from None
+    print(report.summary())
+    if report.problems:
+        print(format_problems(report, show=args.show))
+        return 1
+    print("no problems found")
+    return 0
+
+
 def _cmd_recipe_show(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     print(dump_recipe(recipe), end="")
@@ -100,6 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="system prompt (same as system_prompt=TEXT)")
     chat.add_argument("--max-new-tokens", type=int, help="reply length limit (same as sampling.max_new_tokens=N)")
     chat.set_defaults(handler=_cmd_chat)
+
+    data = commands.add_parser("data", help="check dialogue data")
+    data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    check = data_commands.add_parser(
+        "check",
+        help="validate every row of a file or dataset and list the problems (exit 1 if any)",
+        description="SOURCE: a .jsonl/.json/.parquet file, a save_to_disk directory, a hub dataset id, or corpus:chitchat.",
+    )
+    check.add_argument("source", help="file, dataset directory, hub id, or corpus:chitchat")
+    check.add_argument("--split", default="train", help="split of a dataset or corpus (default: train)")
+    check.add_argument("--model", help="also render every row with this model's chat template and count its tokens")
+    check.add_argument("--max-length", type=int, help="with --model: report rows longer than this many tokens")
+    check.add_argument("--max-chars", type=int, help="report messages longer than this many characters")
+    check.add_argument("--rejects", help="write the invalid rows, with their reasons, to this JSONL file")
+    check.add_argument("--show", type=int, default=50, help="how many problems to list (default: 50)")
+    check.set_defaults(handler=_cmd_data_check)
 
     recipe = commands.add_parser("recipe", help="validate recipes and list their keys")
     recipe_commands = recipe.add_subparsers(dest="recipe_command", metavar="ACTION", required=True)

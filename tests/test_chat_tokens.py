@@ -1,0 +1,143 @@
+"""The template-agnostic assistant mask, on real chat templates, with property tests."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from templates import TEMPLATES, WORKING, stand_in_tokenizer
+
+from dialogrl.data.chat_tokens import ChatTokenizer, TemplateError
+
+_TOKENIZERS: dict[str, ChatTokenizer] = {}
+
+
+def chat_tokenizer(name: str) -> ChatTokenizer:
+    if name not in _TOKENIZERS:
+        _TOKENIZERS[name] = ChatTokenizer(stand_in_tokenizer(name))
+    return _TOKENIZERS[name]
+
+
+words = st.text(alphabet="abcdefghij klmnopqrstuvwxyzABC,.!?'é中\n0123456789", min_size=1, max_size=40).filter(
+    lambda s: s.strip()
+)
+
+
+@st.composite
+def conversations(draw, with_system: bool = True):
+    rounds = draw(st.integers(min_value=1, max_value=5))
+    messages = []
+    if with_system and draw(st.booleans()):
+        messages.append({"role": "system", "content": draw(words)})
+    for _ in range(rounds):
+        messages.append({"role": "user", "content": draw(words)})
+        messages.append({"role": "assistant", "content": draw(words)})
+    return messages
+
+
+def masked_texts(tokenizer, result):
+    return [tokenizer.decode(result.input_ids[a:b]) for a, b in result.assistant_spans()]
+
+
+@pytest.mark.parametrize("name", WORKING)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_masked_tokens_are_exactly_each_reply_and_its_end_token(name, data):
+    chat = chat_tokenizer(name)
+    messages = data.draw(conversations(with_system=TEMPLATES[name][3]))
+    result = chat(messages)
+    end_token = TEMPLATES[name][2] if name != "phi3" else "<|end|>"
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    texts = masked_texts(chat.tokenizer, result)
+    assert len(texts) == len(replies)
+    for text, reply in zip(texts, replies, strict=True):
+        assert text.endswith(end_token)
+        # Whitespace the template keeps between content and end token is part of the turn.
+        assert text[: -len(end_token)].rstrip() == reply.strip()
+
+    # The whole sequence is exactly the template's rendering, tokenised.
+    assert chat.tokenizer.decode(result.input_ids) == chat.tokenizer.apply_chat_template(messages, tokenize=False)
+    assert len(result.input_ids) == len(result.assistant_mask) == len(result.turn_index)
+
+
+@pytest.mark.parametrize("name", WORKING)
+def test_turn_index_follows_rounds(name):
+    chat = chat_tokenizer(name)
+    messages = [{"role": "user", "content": f"question {r}"} if i % 2 == 0 else {"role": "assistant",
+                "content": f"answer {r}"} for r in range(1, 4) for i in range(2)]
+    if TEMPLATES[name][3]:
+        messages.insert(0, {"role": "system", "content": "Always be kind."})
+    result = chat(messages)
+    spans = result.assistant_spans()
+    for round_number, (start, end) in enumerate(spans, start=1):
+        assert set(result.turn_index[start:end]) == {round_number}
+    assert result.turn_index == sorted(result.turn_index), "turn index never goes back"
+    # The r-th user turn's content carries index r.
+    for r in range(1, 4):
+        tokens = [t for t, i in zip(result.input_ids, result.turn_index, strict=True) if i == r]
+        assert f"question {r}" in chat.tokenizer.decode(tokens)
+
+
+def test_prompt_tokens_equal_the_generation_prompt_tokens():
+    """What the model saw before turn k in training is what it sees when asked to generate turn k."""
+    chat = chat_tokenizer("smollm2")
+    messages = [
+        {"role": "system", "content": "Reply in lowercase."},
+        {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": "hi!"},
+        {"role": "user", "content": "How are you?"},
+        {"role": "assistant", "content": "fine, thanks."},
+    ]
+    result = chat(messages)
+    second_start = result.assistant_spans()[1][0]
+    prompt = chat.tokenizer.apply_chat_template(messages[:4], tokenize=False, add_generation_prompt=True)
+    assert result.input_ids[:second_start] == chat.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def test_user_and_system_tokens_are_never_masked():
+    chat = chat_tokenizer("llama3")
+    messages = [{"role": "system", "content": "SYSTEMTEXT"}, {"role": "user", "content": "USERTEXT"},
+                {"role": "assistant", "content": "REPLYTEXT"}]
+    result = chat(messages)
+    unmasked = chat.tokenizer.decode([t for t, m in zip(result.input_ids, result.assistant_mask, strict=True) if not m])
+    masked = chat.tokenizer.decode([t for t, m in zip(result.input_ids, result.assistant_mask, strict=True) if m])
+    assert "SYSTEMTEXT" in unmasked and "USERTEXT" in unmasked and "REPLYTEXT" not in unmasked
+    assert masked == "REPLYTEXT<|eot_id|>"
+
+
+def test_reply_text_that_also_appears_in_the_template_is_located_correctly():
+    chat = chat_tokenizer("smollm2")
+    messages = [{"role": "user", "content": "assistant"}, {"role": "assistant", "content": "assistant"},
+                {"role": "user", "content": "im_start"}, {"role": "assistant", "content": "user"}]
+    texts = masked_texts(chat.tokenizer, chat(messages))
+    assert texts == ["assistant<|im_end|>", "user<|im_end|>"]
+
+
+def test_template_that_changes_the_generation_context_is_refused():
+    chat = chat_tokenizer("deepseekv3")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    with pytest.raises(TemplateError, match="rewrites earlier turns"):
+        chat(messages)
+
+
+def test_template_without_end_token_after_replies_is_refused():
+    chat = chat_tokenizer("glm4moe")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    with pytest.raises(TemplateError, match="not followed by a special end-of-turn token"):
+        chat(messages)
+
+
+def test_template_that_refuses_a_system_message_says_so():
+    chat = chat_tokenizer("gemma")
+    with pytest.raises(TemplateError, match="System role not supported"):
+        chat([{"role": "system", "content": "x"}, {"role": "user", "content": "hi"},
+              {"role": "assistant", "content": "hello"}])
+
+
+def test_batch_equals_one_at_a_time():
+    chat = chat_tokenizer("qwen2_5")
+    batch = [
+        [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "yo " * i + "."}]
+        for i in range(1, 6)
+    ]
+    assert chat.tokenize_many(batch) == [chat(messages) for messages in batch]
