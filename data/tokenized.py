@@ -48,6 +48,20 @@ def _tokenize_batch(batch: dict[str, list[Any]], chat: ChatTokenizer, max_length
     return out
 
 
+def _features(keep: dict | None = None):
+    from datasets import Features, List, Value
+
+    columns = {
+        "input_ids": List(Value("int32")),
+        "assistant_mask": List(Value("int8")),
+        "turn_index": List(Value("int16")),
+        "length": Value("int32"),
+        # Declared, so a batch in which every row is fine (all None) still writes.
+        "error": Value("string"),
+    }
+    return Features({**(keep or {}), **columns})
+
+
 def default_num_proc() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
@@ -80,5 +94,6 @@ def tokenize_conversations(
         num_proc=num_proc if num_proc > 1 else None,
         fn_kwargs={"chat": chat, "max_length": max_length},
         remove_columns=[] if keep_columns else dataset.column_names,
+        features=_features(dict(dataset.features) if keep_columns else None),
         desc="tokenising with the chat template",
     )

@@ -47,3 +47,15 @@ def test_no_relative_imports_across_portions():
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
                 assert node.level <= 1, f"{path}: relative import reaching outside its folder"
+
+
+def test_every_code_package_is_listed_for_installation():
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {
+        "dialogrl." + ".".join(init.parent.relative_to(ROOT).parts)
+        for folder in ("data", "evaluation", "training")
+        for init in (ROOT / folder).rglob("__init__.py")
+    }
+    assert on_disk == listed, "pyproject.toml [tool.setuptools] packages must list every package folder"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dialogrl.training.config import RECIPE_KINDS, RecipeError, describe_recipe, dump_recipe, load_recipe
+from dialogrl.training.config import RecipeError, describe_recipe, dump_recipe, load_recipe, recipe_kinds
 
 
 class UserError(RuntimeError):
@@ -91,6 +91,24 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_build(args: argparse.Namespace) -> int:
+    from dialogrl.data.sources import DataError
+    from dialogrl.training import data_stage
+
+    recipe = load_recipe(args.config, args.overrides, expected=data_stage.DataRecipe)
+    try:
+        manifest = data_stage.main(recipe, log=lambda msg: print(msg, file=sys.stderr))
+    except DataError as err:
+        raise UserError(str(err)) from None
+    sft, prefs = manifest["sft"], manifest["preferences"]
+    print(f"sft: {sft['rows']} conversations (>= {sft['min_assistant_turns']} assistant turns each); "
+          f"preferences: {prefs['rows']} pairs over rounds {', '.join(prefs['rounds'])}; "
+          f"edits: {manifest['edits']['rows']} pairs; rejects: {manifest['rejects']}")
+    print(f"held-out constraint types used: {manifest['held_out_types_used'] or 'none'}")
+    print(f"written to {recipe.output_dir} (manifest.json) in {manifest['seconds']} s")
+    return 0
+
+
 def _cmd_recipe_show(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     print(dump_recipe(recipe), end="")
@@ -98,9 +116,10 @@ def _cmd_recipe_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_recipe_keys(args: argparse.Namespace) -> int:
-    if args.stage not in RECIPE_KINDS:
-        raise RecipeError(f"unknown stage {args.stage!r}; known stages: {', '.join(sorted(RECIPE_KINDS))}")
-    for key, type_name, default, help_text in describe_recipe(RECIPE_KINDS[args.stage]):
+    kinds = recipe_kinds()
+    if args.stage not in kinds:
+        raise RecipeError(f"unknown stage {args.stage!r}; known stages: {', '.join(sorted(kinds))}")
+    for key, type_name, default, help_text in describe_recipe(kinds[args.stage]):
         print(f"{key}: {type_name} = {default!r}\n    {help_text}")
     return 0
 
@@ -148,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--rejects", help="write the invalid rows, with their reasons, to this JSONL file")
     check.add_argument("--show", type=int, default=50, help="how many problems to list (default: 50)")
     check.set_defaults(handler=_cmd_data_check)
+    build = data_commands.add_parser("build", help="build the SFT, preference and edit sets from a data recipe")
+    build.add_argument("--config", required=True, help="data recipe (YAML), e.g. recipes/smollm2-135m/data.yaml")
+    build.add_argument("overrides", nargs="*", help="dotted.key=value")
+    build.set_defaults(handler=_cmd_data_build)
 
     recipe = commands.add_parser("recipe", help="validate recipes and list their keys")
     recipe_commands = recipe.add_subparsers(dest="recipe_command", metavar="ACTION", required=True)
@@ -162,8 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Registering recipe kinds is a side effect of importing their stage modules.
-    import dialogrl.training.chat  # noqa: F401
     from dialogrl.training.models import ModelResolutionError
 
     args = build_parser().parse_args(argv)

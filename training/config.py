@@ -43,6 +43,21 @@ class RecipeError(ValueError):
 # --------------------------------------------------------------------------- registry
 
 RECIPE_KINDS: dict[str, type] = {}
+# Stage name -> the module that registers its recipe class. Imported on first
+# use, so commands that need no recipe do not pay for importing every stage.
+STAGE_MODULES = {
+    "chat": "dialogrl.training.chat",
+    "data": "dialogrl.training.data_stage",
+}
+
+
+def recipe_kinds() -> dict[str, type]:
+    """Every recipe kind, after importing the modules that register them."""
+    import importlib
+
+    for module in STAGE_MODULES.values():
+        importlib.import_module(module)
+    return RECIPE_KINDS
 
 
 def register_recipe(stage: str) -> Callable[[type[T]], type[T]]:
@@ -115,15 +130,15 @@ def load_recipe(
     source = str(path) if path is not None else "<defaults>"
     data = read_yaml(path) if path is not None else {}
     stage = data.pop("stage", None)
+    kinds = recipe_kinds()
     if stage is None:
         if expected is None:
-            kinds = ", ".join(sorted(RECIPE_KINDS))
-            raise RecipeError(f"{source}: missing key 'stage' (one of: {kinds})")
+            raise RecipeError(f"{source}: missing key 'stage' (one of: {', '.join(sorted(kinds))})")
         cls = expected
     else:
-        if stage not in RECIPE_KINDS:
-            raise RecipeError(f"{source}: stage: unknown stage {stage!r}{_suggest(str(stage), RECIPE_KINDS)}")
-        cls = RECIPE_KINDS[stage]
+        if stage not in kinds:
+            raise RecipeError(f"{source}: stage: unknown stage {stage!r}{_suggest(str(stage), kinds)}")
+        cls = kinds[stage]
         if expected is not None and cls is not expected:
             raise RecipeError(
                 f"{source}: this is a '{stage}' recipe, but the command runs '{expected.stage}' recipes"  # type: ignore[attr-defined]

@@ -35,11 +35,13 @@ def conversations(n: int) -> list[list[dict[str, str]]]:
 
 def load_tokenizer(reference: str | None):
     if reference:
-        from dialogrl.training.models import ModelConfig, load_tokenizer as load
+        from dialogrl.training.models import ModelConfig
+        from dialogrl.training.models import load_tokenizer as load
 
         return load(ModelConfig(name_or_path=reference)), reference
     try:
-        from dialogrl.training.models import ModelConfig, load_tokenizer as load
+        from dialogrl.training.models import ModelConfig
+        from dialogrl.training.models import load_tokenizer as load
 
         return load(ModelConfig()), "packaged:smollm2-135m-instruct"
     except Exception:

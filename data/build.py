@@ -1,0 +1,222 @@
+"""`dialogrl data build`: write the SFT, preference and edit sets with a manifest.
+
+Outputs in `output_dir`:
+  sft/, sft.jsonl                  conversations with every reply compliant
+  preferences/, preferences.jsonl  one comparison per (window, round), balanced over rounds
+  edits/, edits.jsonl              user-edit pairs (when edit sources are given)
+  manifest.json                    counts, constraint-type and round distributions, skips by reason
+  rejects.jsonl                    every skipped candidate and invalid input row, with its reason
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from dialogrl.data import builders
+from dialogrl.data import constraints as catalogue
+from dialogrl.data.corpora import CORPORA, load_chitchat
+from dialogrl.data.options import option
+
+
+@dataclass
+class DataBuildConfig:
+    output_dir: str = option("outputs/data", help="Directory the datasets, manifest and rejects are written to.")
+    seed: int = option(0, help="Seed for windows, rules and pair sampling; the same seed gives the same sets.")
+    corpus: str = option("chitchat", help=f"Dialogue corpus the user turns and human replies come from: {', '.join(CORPORA)}.")
+    max_length: int | None = option(
+        2048, help="Token limit per conversation under the model's chat template; longer rows are rejected "
+        "(counted and written to rejects.jsonl). null: no limit."
+    )
+    dialogue: builders.DialogueConfig = option(
+        default_factory=builders.DialogueConfig, help="Dialogue windows and the rules they carry."
+    )
+    sft: builders.SFTSetConfig = option(default_factory=builders.SFTSetConfig, help="The SFT set.")
+    preferences: builders.PreferenceSetConfig = option(
+        default_factory=builders.PreferenceSetConfig, help="The per-turn preference set."
+    )
+    edits: list[str] = option(
+        default_factory=list, help="Sources of user-edit records {messages, draft, edited} (JSONL, JSON, Parquet, "
+        "dataset dirs); each becomes a pair with the edit chosen over the draft."
+    )
+    on_invalid: Literal["error", "skip"] = option(
+        "error", help="Invalid rows in edit sources: error stops the build; skip writes them to rejects.jsonl."
+    )
+
+    def __post_init__(self) -> None:
+        if self.corpus not in CORPORA:
+            raise ValueError(f"unknown corpus {self.corpus!r}; built-in corpora: {', '.join(CORPORA)}")
+        if self.max_length is not None and self.max_length < 16:
+            raise ValueError(f"max_length must be >= 16 tokens or null, got {self.max_length}")
+
+
+ReplyFn = Callable[[list[list[dict[str, str]]]], list[str]]
+
+
+class CachedReplies:
+    """Wraps a batched reply generator with an on-disk cache, so a rerun does not generate again.
+
+    The key is the model's identity plus the exact messages; the cache is an
+    append-only JSONL file, safe to interrupt.
+    """
+
+    def __init__(self, generate: ReplyFn, path: str | Path, model_key: str):
+        self.generate = generate
+        self.path = Path(path)
+        self.model_key = model_key
+        self.cache: dict[str, str] = {}
+        self.hits = self.misses = 0
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    entry = json.loads(line)
+                    self.cache[entry["key"]] = entry["reply"]
+
+    def _key(self, messages: list[dict[str, str]]) -> str:
+        payload = json.dumps([self.model_key, messages], ensure_ascii=False, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def __call__(self, batch: list[list[dict[str, str]]]) -> list[str]:
+        keys = [self._key(m) for m in batch]
+        missing = [i for i, k in enumerate(keys) if k not in self.cache]
+        self.hits += len(batch) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            generated = self.generate([batch[i] for i in missing])
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as handle:
+                for i, reply in zip(missing, generated, strict=True):
+                    self.cache[keys[i]] = reply
+                    handle.write(json.dumps({"key": keys[i], "reply": reply}, ensure_ascii=False) + "\n")
+        return [self.cache[k] for k in keys]
+
+
+def policy_replies(windows: Sequence[builders.Window], reply_fn: ReplyFn, *, log=print) -> dict[str, list[str]]:
+    """Raw policy replies for every round of every window, generated round by round.
+
+    Each round's context holds the compliant versions of the earlier replies, as
+    the SFT conversation will, so the model answers the history it is trained on.
+    """
+    contexts = {w.key: [{"role": "system", "content": w.system_prompt()}] for w in windows}
+    raw: dict[str, list[str]] = {w.key: [] for w in windows}
+    alive = {w.key: w for w in windows}
+    for r in range(1, max((w.rounds for w in windows), default=0) + 1):
+        batch = [w for w in alive.values() if w.rounds >= r]
+        for w in batch:
+            contexts[w.key].append({"role": "user", "content": w.user_turn(r)})
+        replies = reply_fn([contexts[w.key] for w in batch])
+        for w, reply in zip(batch, replies, strict=True):
+            raw[w.key].append(reply)
+            compliant = catalogue.rewrite_all(reply, w.active(r))
+            if compliant is None:
+                alive.pop(w.key)  # build_sft records why when it retries the same rewrite
+                continue
+            contexts[w.key].append({"role": "assistant", "content": compliant})
+        log(f"policy replies: round {r} done for {len(batch)} dialogues")
+    return raw
+
+
+def _save(rows: list[dict[str, Any]], output_dir: Path, name: str, columns: Sequence[str]) -> None:
+    from datasets import Dataset
+
+    with (output_dir / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    # Metadata is kept as a JSON string column: its nested shape varies from row to row.
+    table = [{k: (json.dumps(v, ensure_ascii=False) if k == "meta" else v) for k, v in row.items()} for row in rows]
+    dataset = Dataset.from_list(table) if table else Dataset.from_dict({c: [] for c in columns})
+    dataset.save_to_disk(str(output_dir / name))
+
+
+def _length_filter(rows, fields, tokenizer, max_length, name, rejects, stats) -> list[dict[str, Any]]:
+    if tokenizer is None or max_length is None or not rows:
+        return rows
+    from dialogrl.data.tokenized import tokenize_conversations
+
+    conversations = [row[fields[0]] if len(fields) == 1 else row[fields[0]] + row[fields[1]] for row in rows]
+    if len(fields) == 2:  # a pair is too long if either side is
+        conversations += [row["prompt"] + row["rejected"] for row in rows]
+    errors = tokenize_conversations(tokenizer, conversations, max_length=max_length)["error"]
+    if len(fields) == 2:
+        errors = [a or b for a, b in zip(errors[: len(rows)], errors[len(rows):], strict=True)]
+    kept = []
+    for row, error in zip(rows, errors, strict=True):
+        if error:
+            stats.built -= 1
+            stats.skipped["too long or unrenderable after tokenisation"] += 1
+            rejects.append({"set": name, "reason": error, "meta": row["meta"]})
+        else:
+            kept.append(row)
+    return kept
+
+
+def build_all(config: DataBuildConfig, *, tokenizer=None, reply_fn: ReplyFn | None = None, log=print) -> dict:
+    """Build every set described by `config`; returns the manifest (also written to disk)."""
+    started = time.perf_counter()
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(config.seed)
+    dialogues = load_chitchat("train", min_rounds=config.dialogue.min_rounds)
+    windows = builders.make_windows(dialogues, config.dialogue, rng)
+    log(f"{len(dialogues)} train dialogues -> {len(windows)} windows of "
+        f"{config.dialogue.min_rounds}-{config.dialogue.max_rounds} rounds")
+    rejects: list[dict[str, Any]] = []
+
+    sft_windows = windows[: config.sft.conversations + config.sft.conversations // 4]
+    replies = None
+    if config.sft.reply_source == "policy":
+        if reply_fn is None:
+            raise ValueError("sft.reply_source is 'policy' but no model was given to generate replies")
+        replies = policy_replies(sft_windows, reply_fn, log=log)
+    sft_rows, sft_stats = builders.build_sft(sft_windows, config.sft, rejects=rejects, replies=replies)
+    sft_rows = _length_filter(sft_rows, ("messages",), tokenizer, config.max_length, "sft", rejects, sft_stats)
+    log(f"sft: {len(sft_rows)} conversations")
+
+    pref_rows, pref_stats = builders.build_preferences(windows, config.preferences, rng, rejects=rejects)
+    pref_rows = _length_filter(pref_rows, ("prompt", "chosen"), tokenizer, config.max_length, "preferences",
+                               rejects, pref_stats)
+    log(f"preferences: {len(pref_rows)} pairs")
+
+    edit_rows, edit_reports = [], []
+    for source in config.edits:
+        from dialogrl.data.sources import load_records
+
+        records, report = load_records(source, on_invalid=config.on_invalid)
+        edit_rows += builders.edit_pairs(records)
+        edit_reports.append(report.to_dict())
+        rejects += [{"set": "edits", "reason": str(p), "meta": {"source": p.source, "row": p.row}}
+                    for p in report.problems]
+
+    builders.assert_training_safe(sft_rows, "sft")
+    builders.assert_training_safe(pref_rows, "preferences")
+    _save(sft_rows, output_dir, "sft", ("messages", "meta"))
+    _save(pref_rows, output_dir, "preferences", ("prompt", "chosen", "rejected", "meta"))
+    if config.edits:
+        _save(edit_rows, output_dir, "edits", ("prompt", "chosen", "rejected", "meta"))
+    with (output_dir / "rejects.jsonl").open("w", encoding="utf-8") as handle:
+        for reject in rejects:
+            handle.write(json.dumps(reject, ensure_ascii=False, default=str) + "\n")
+
+    used_types = set(sft_stats.constraint_types) | set(pref_stats.constraint_types)
+    manifest = {
+        "corpus": config.corpus,
+        "split": "train",
+        "seed": config.seed,
+        "windows": len(windows),
+        "sft": sft_stats.to_dict() | {"rows": len(sft_rows), "min_assistant_turns": min(
+            (sum(m["role"] == "assistant" for m in r["messages"]) for r in sft_rows), default=0)},
+        "preferences": pref_stats.to_dict() | {"rows": len(pref_rows)},
+        "edits": {"rows": len(edit_rows), "sources": edit_reports},
+        "held_out_types": sorted(catalogue.HELD_OUT_TYPES),
+        "held_out_types_used": sorted(used_types & set(catalogue.HELD_OUT_TYPES)),
+        "rejects": len(rejects),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    (output_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

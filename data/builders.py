@@ -1,0 +1,312 @@
+"""Training sets built from real dialogue and the constraint catalogue.
+
+- SFT: corpus dialogues whose system prompt carries 1-3 non-conflicting rules
+  (some stated by the user in a turn instead), with every assistant turn made to
+  comply from the round its rule is in force.
+- Preferences: a comparison at every assistant turn, not only the last. The
+  prompt is the history up to user turn r (earlier replies compliant); chosen
+  is a compliant reply, rejected a violating one: the natural reply as the human
+  wrote it, or a reply that keeps all rules but one ("partial" drift). Rounds
+  are balanced so late rounds are as common as early ones.
+- Edits: `{messages, draft, edited}` records become chosen = edited, rejected = draft.
+
+Only train-split conversations, train phrasings and seen constraint types go
+in; the builder asserts it. Replies come from the corpus's human turns, or from
+a policy model through a `ReplySource` (batched, cached on disk by the caller).
+Every skipped dialogue or pair is counted by reason in the manifest.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from dialogrl.data import constraints as catalogue
+from dialogrl.data.constraints import Constraint
+from dialogrl.data.corpora import CorpusDialogue
+from dialogrl.data.options import option
+
+BASE_SYSTEM_PROMPT = "You are a helpful assistant chatting with a user."
+
+# (messages so far, ending with a user turn) -> a reply; None means "use the corpus reply".
+ReplySource = Callable[[list[list[dict[str, str]]]], list[str]]
+
+
+@dataclass
+class DialogueConfig:
+    min_rounds: int = option(4, help="Shortest dialogue window, in user+assistant rounds.")
+    max_rounds: int = option(8, help="Longest dialogue window; longer corpus dialogues are cut into several windows.")
+    min_constraints: int = option(1, help="Fewest rules per dialogue.")
+    max_constraints: int = option(3, help="Most rules per dialogue (all mutually compatible).")
+    user_rule_fraction: float = option(
+        0.3, help="Share of dialogues where one rule is stated by the user in a turn rather than by the system prompt."
+    )
+    max_intro_round: int = option(3, help="Latest round at which a user-stated rule is introduced.")
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_rounds <= self.max_rounds:
+            raise ValueError(f"need 1 <= min_rounds <= max_rounds, got {self.min_rounds} and {self.max_rounds}")
+        if not 1 <= self.min_constraints <= self.max_constraints:
+            raise ValueError("need 1 <= min_constraints <= max_constraints")
+        if not 0 <= self.user_rule_fraction <= 1:
+            raise ValueError(f"user_rule_fraction must be in [0, 1], got {self.user_rule_fraction}")
+
+
+@dataclass
+class SFTSetConfig:
+    conversations: int = option(2400, help="SFT conversations to build (fewer if the corpus runs out; the manifest says).")
+    reply_source: Literal["corpus", "policy"] = option(
+        "corpus", help="Replies to make compliant: the corpus's human replies, or the policy model's own generations."
+    )
+
+
+@dataclass
+class PreferenceSetConfig:
+    pairs: int = option(5000, help="Preference pairs to build, balanced over rounds.")
+    rejected: dict[str, float] = option(
+        default_factory=lambda: {"natural": 0.5, "partial": 0.5},
+        help="Mix of rejected replies: natural (the reply as written, violating a rule) and partial "
+        "(compliant with every rule but one).",
+    )
+
+    def __post_init__(self) -> None:
+        unknown = set(self.rejected) - {"natural", "partial"}
+        if unknown or not self.rejected or any(w < 0 for w in self.rejected.values()) or not sum(
+            self.rejected.values()
+        ):
+            raise ValueError(f"rejected must weight natural and/or partial with non-negative weights, got {self.rejected}")
+
+
+@dataclass
+class Window:
+    """A slice of a corpus dialogue with its rules: the unit every set is built from."""
+
+    dialogue: CorpusDialogue
+    start_round: int
+    rounds: int
+    constraints: list[Constraint]
+    intro_round: list[int]  # per constraint: 1 for system rules, r >= 1 for user-stated rules
+
+    @property
+    def key(self) -> str:
+        return f"{self.dialogue.conversation_id}:{self.start_round}"
+
+    def active(self, round_number: int) -> list[Constraint]:
+        return [c for c, r in zip(self.constraints, self.intro_round, strict=True) if r <= round_number]
+
+    def system_prompt(self) -> str:
+        rules = [c.instruction for c in self.constraints if c.type.introduced_by == "system"]
+        return " ".join([BASE_SYSTEM_PROMPT, *rules])
+
+    def user_turn(self, round_number: int) -> str:
+        text = self.dialogue.turns[2 * (self.start_round + round_number - 1)]
+        stated = [c.instruction for c, r in zip(self.constraints, self.intro_round, strict=True)
+                  if c.type.introduced_by == "user" and r == round_number]
+        return " ".join([*stated, text]) if stated else text
+
+    def corpus_reply(self, round_number: int) -> str:
+        return self.dialogue.turns[2 * (self.start_round + round_number - 1) + 1]
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "conversation_id": self.dialogue.conversation_id,
+            "split": self.dialogue.split,
+            "window_start": self.start_round,
+            "rounds": self.rounds,
+            "constraints": [c.to_dict() for c in self.constraints],
+            "intro_round": list(self.intro_round),
+        }
+
+
+def make_windows(dialogues: Sequence[CorpusDialogue], config: DialogueConfig, rng: random.Random) -> list[Window]:
+    """Cut dialogues into windows of min..max rounds and give each its rules (train phrasings, seen types)."""
+    windows = []
+    for dialogue in dialogues:
+        if dialogue.split != "train":
+            raise ValueError(f"conversation {dialogue.conversation_id} is from the {dialogue.split} split; "
+                             "training sets are built from the train split only")
+        start = 0
+        while dialogue.rounds - start >= config.min_rounds:
+            rounds = min(config.max_rounds, dialogue.rounds - start)
+            windows.append(_with_rules(dialogue, start, rounds, config, rng))
+            start += rounds
+    rng.shuffle(windows)
+    return windows
+
+
+def _with_rules(dialogue: CorpusDialogue, start: int, rounds: int, config: DialogueConfig, rng: random.Random) -> Window:
+    k = rng.randint(config.min_constraints, config.max_constraints)
+    with_user_rule = rng.random() < config.user_rule_fraction
+    chosen: list[Constraint] = []
+    if with_user_rule:
+        chosen = catalogue.sample_constraints(rng, 1, split="train", held_out=False, introduced_by="user")
+    if len(chosen) < k:
+        system_rules = catalogue.sample_constraints(rng, k, split="train", held_out=False, introduced_by="system")
+        for rule in system_rules:
+            if len(chosen) == k:
+                break
+            if all(_compatible(rule, other) for other in chosen):
+                chosen.append(rule)
+    intro = [rng.randint(1, min(config.max_intro_round, rounds)) if c.type.introduced_by == "user" else 1
+             for c in chosen]
+    return Window(dialogue, start, rounds, chosen, intro)
+
+
+def _compatible(a: Constraint, b: Constraint) -> bool:
+    return a.type_name != b.type_name and b.type_name not in a.type.conflicts and a.type_name not in b.type.conflicts
+
+
+@dataclass
+class BuildStats:
+    """What happened to every candidate: built, or skipped and why."""
+
+    built: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    constraint_types: Counter = field(default_factory=Counter)
+    rounds: Counter = field(default_factory=Counter)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "built": self.built,
+            "skipped": dict(self.skipped),
+            "constraint_types": dict(sorted(self.constraint_types.items())),
+            "rounds": {str(k): v for k, v in sorted(self.rounds.items())},
+        }
+
+
+def compliant_dialogue(window: Window, replies: Sequence[str] | None = None) -> tuple[list[dict[str, str]], str | None]:
+    """The window as messages with every reply made to comply; or the reason it cannot be."""
+    messages = [{"role": "system", "content": window.system_prompt()}]
+    for r in range(1, window.rounds + 1):
+        messages.append({"role": "user", "content": window.user_turn(r)})
+        source = replies[r - 1] if replies is not None else window.corpus_reply(r)
+        reply = catalogue.rewrite_all(source, window.active(r))
+        if reply is None or not reply.strip():
+            return messages, f"no compliant rewrite at round {r}"
+        messages.append({"role": "assistant", "content": reply})
+    return messages, None
+
+
+def build_sft(windows: Sequence[Window], config: SFTSetConfig, *, rejects: list[dict], replies=None) -> tuple[
+        list[dict[str, Any]], BuildStats]:
+    """Rows `{messages, meta}`; `replies` maps a window key to policy replies (reply_source: policy)."""
+    rows, stats = [], BuildStats()
+    for window in windows:
+        if len(rows) >= config.conversations:
+            break
+        policy_replies = replies.get(window.key) if replies is not None else None
+        messages, problem = compliant_dialogue(window, policy_replies)
+        if problem:
+            stats.skipped[problem.split(" at round")[0]] += 1
+            rejects.append({"set": "sft", "window": window.key, "reason": problem, "meta": window.meta()})
+            continue
+        rows.append({"messages": messages, "meta": window.meta()})
+        stats.built += 1
+        stats.rounds[window.rounds] += 1
+        stats.constraint_types.update(c.type_name for c in window.constraints)
+    if len(rows) < config.conversations:
+        stats.skipped["corpus exhausted before the requested count"] = config.conversations - len(rows)
+    return rows, stats
+
+
+def _partial_violation(reply: str, active: list[Constraint], rng: random.Random) -> tuple[str | None, str | None]:
+    """A reply that keeps every active rule but one, which it breaks; and that rule's type."""
+    for dropped in rng.sample(active, len(active)):
+        kept = [c for c in active if c is not dropped]
+        candidate = catalogue.rewrite_all(reply, kept) if kept else reply
+        if candidate and not dropped.check(candidate).strict:
+            return candidate, dropped.type_name
+    return None, None
+
+
+def build_preferences(
+    windows: Sequence[Window], config: PreferenceSetConfig, rng: random.Random, *, rejects: list[dict]
+) -> tuple[list[dict[str, Any]], BuildStats]:
+    """Rows `{prompt, chosen, rejected, meta}`, balanced over rounds 1..max."""
+    kinds, weights = zip(*sorted(config.rejected.items()), strict=True)
+    candidates: dict[int, list[dict[str, Any]]] = {}
+    stats = BuildStats()
+    for window in windows:
+        messages, problem = compliant_dialogue(window)
+        if problem:
+            stats.skipped["no compliant dialogue"] += 1
+            continue
+        for r in range(1, window.rounds + 1):
+            active = window.active(r)
+            prompt = messages[: 2 * r]  # system + r user turns + r-1 replies
+            chosen = messages[2 * r]["content"]
+            kind = rng.choices(kinds, weights=weights)[0]
+            violated: list[str] = []
+            if kind == "natural":
+                rejected = window.corpus_reply(r)
+                violated = [c.type_name for c in active if not c.check(rejected).strict]
+                if not violated:  # the natural reply happens to comply: fall back to a partial violation
+                    kind = "partial"
+            if kind == "partial":
+                rejected, broken = _partial_violation(window.corpus_reply(r), active, rng)
+                violated = [broken] if broken else []
+            if not violated or rejected is None or rejected.strip() == chosen.strip():
+                stats.skipped["no violating reply"] += 1
+                rejects.append({"set": "preferences", "window": window.key, "round": r,
+                                "reason": "no violating reply", "meta": window.meta()})
+                continue
+            candidates.setdefault(r, []).append({
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+                "meta": window.meta() | {"turn_index": r, "rejected_kind": kind, "violated": violated,
+                                         "active_constraints": [c.type_name for c in active]},
+            })
+    rows = _balance_over_rounds(candidates, config.pairs, rng)
+    for row in rows:
+        stats.built += 1
+        stats.rounds[row["meta"]["turn_index"]] += 1
+        stats.constraint_types.update(row["meta"]["active_constraints"])
+    available = sum(len(v) for v in candidates.values())
+    if available > len(rows):
+        stats.skipped["not needed after balancing rounds"] = available - len(rows)
+    if len(rows) < config.pairs:
+        stats.skipped["corpus exhausted before the requested count"] = config.pairs - len(rows)
+    return rows, stats
+
+
+def _balance_over_rounds(candidates: dict[int, list[dict]], total: int, rng: random.Random) -> list[dict]:
+    """Take pairs round-robin over rounds, so late rounds (rarer in the corpus) are not crowded out."""
+    pools = {r: rng.sample(pool, len(pool)) for r, pool in sorted(candidates.items())}
+    rows: list[dict] = []
+    while len(rows) < total and any(pools.values()):
+        for r in sorted(pools):
+            if pools[r] and len(rows) < total:
+                rows.append(pools[r].pop())
+    rows.sort(key=lambda row: (row["meta"]["conversation_id"], row["meta"]["window_start"], row["meta"]["turn_index"]))
+    return rows
+
+
+def edit_pairs(records: Sequence[Any]) -> list[dict[str, Any]]:
+    """User edits as preference rows: the edited reply is chosen over the draft."""
+    from dialogrl.data.records import PreferencePair
+
+    rows = []
+    for record in records:
+        if not isinstance(record, PreferencePair) or record.meta.get("format") != "edit":
+            continue
+        rows.append({"prompt": record.prompt, "chosen": record.chosen, "rejected": record.rejected,
+                     "meta": {"turn_index": record.turn_index, "source_row": record.meta.get("source_row"),
+                              "rejected_kind": "draft"}})
+    return rows
+
+
+def assert_training_safe(rows: Sequence[dict[str, Any]], name: str) -> None:
+    """No eval conversation, eval phrasing or held-out type may reach a training set."""
+    for i, row in enumerate(rows):
+        meta = row["meta"]
+        if meta.get("split", "train") != "train":
+            raise AssertionError(f"{name} row {i} comes from the {meta['split']} split")
+        for c in meta.get("constraints", []):
+            if c["type_name"] in catalogue.HELD_OUT_TYPES:
+                raise AssertionError(f"{name} row {i} uses held-out constraint type {c['type_name']}")
+            if c["phrasing_split"] != "train":
+                raise AssertionError(f"{name} row {i} uses an eval phrasing of {c['type_name']}")

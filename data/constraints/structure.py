@@ -1,0 +1,215 @@
+"""Format rules: JSON, bullet lists, quotes, titles, sections, postscripts.
+
+Rewrites that restructure a reply keep its frame: a leading `<<title>>` line and
+a trailing `P.S.` paragraph stay where they are, so these rules compose.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from .base import STAGE_STRUCTURE, STAGE_WRAP, ConstraintType
+from .text import FILLERS, WORD_RE, cycle_pick, ends_sentence, sentences, words
+from .vocab import POSTSCRIPTS
+
+_TITLE = re.compile(r"<<([^<>\n]*)>>")
+_PS = re.compile(r"P\.\s?S\.(.*)", re.IGNORECASE | re.DOTALL)
+_BLANK = re.compile(r"\n[ \t]*\n")
+_BULLET = re.compile(r"(?m)^[ \t]*[-*][ \t]+\S")
+_SECTION = re.compile(r"(?im)^[ \t]*SECTION[ \t]+([0-9]+)\b")
+_MARKER = re.compile(
+    r"^(?:[-*+•][ \t]+|[0-9]+[.)][ \t]+|#+[ \t]*|SECTION[ \t]+[0-9]+\b[ \t]*[:.\-–—]?[ \t]*)", re.IGNORECASE
+)
+
+
+def _last_paragraph(text: str) -> tuple[str, str]:
+    """(everything before the last blank line, the last paragraph)."""
+    blanks = list(_BLANK.finditer(text))
+    if not blanks:
+        return "", text
+    return text[: blanks[-1].start()], text[blanks[-1].end() :]
+
+
+def _is_postscript(paragraph: str) -> bool:
+    m = _PS.match(paragraph.strip().lstrip('"'))
+    return bool(m) and WORD_RE.search(m.group(1)) is not None
+
+
+def split_frame(text: str) -> tuple[str, str, str]:
+    """(title line or "", body, postscript paragraph or "")."""
+    text = text.strip()
+    head = ""
+    first, _, rest = text.partition("\n")
+    if _TITLE.fullmatch(first.strip()):
+        head, text = first.strip(), rest.strip()
+    before, last = _last_paragraph(text)
+    # A "postscript" holding list items or section headers is body text, or they would be miscounted.
+    if before.strip() and _is_postscript(last) and not _BULLET.search(last) and not _SECTION.search(last):
+        return head, before.strip(), last.strip()
+    return head, text, ""
+
+
+def join_frame(head: str, body: str, tail: str) -> str:
+    text = "\n".join(part for part in (head, body) if part)
+    return f"{text}\n\n{tail}" if tail and text else (tail or text)
+
+
+def _units(body: str) -> list[str]:
+    """The body's sentences with list and section markers removed, each closed with punctuation."""
+    units = []
+    for sentence in sentences(body):
+        unit = _MARKER.sub("", sentence.strip()).strip()
+        if not WORD_RE.search(unit):
+            continue
+        units.append(unit if ends_sentence(unit) else unit.rstrip(",;:-–— ") + ".")
+    return units
+
+
+def _groups(body: str, n: int) -> list[str]:
+    """The body cut into `n` non-empty, contiguous groups of sentences (splitting or padding as needed)."""
+    units = _units(body)
+    while len(units) < n:
+        longest = max(range(len(units)), key=lambda i: len(words(units[i])), default=None)
+        spans = list(WORD_RE.finditer(units[longest])) if longest is not None else []
+        if len(spans) < 2:
+            units.append(FILLERS[len(units) % len(FILLERS)])
+            continue
+        unit = units[longest]
+        cut = spans[len(spans) // 2].start()
+        head = unit[:cut].rstrip(" ,;:-–—")
+        units[longest : longest + 1] = [head if ends_sentence(head) else head + ".", unit[cut:]]
+    size, extra = divmod(len(units), n)
+    groups, at = [], 0
+    for i in range(n):
+        take = size + (1 if i < extra else 0)
+        groups.append(" ".join(units[at : at + take]))
+        at += take
+    return groups
+
+
+class JsonObject(ConstraintType):
+    """The whole reply is one JSON object (a ```json fence around it is allowed)."""
+
+    stage = STAGE_WRAP
+
+    @staticmethod
+    def _parse(reply: str) -> Any:
+        text = reply.strip()
+        fenced = re.fullmatch(r"```(?:json)?[ \t]*\n?(.*?)\n?[ \t]*```", text, re.DOTALL | re.IGNORECASE)
+        if fenced:
+            text = fenced.group(1).strip()
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError):
+            return None
+
+    def check_strict(self, reply: str, params: Mapping[str, Any]) -> tuple[bool, float]:
+        return isinstance(self._parse(reply), dict), 0.0
+
+    def rewrite(self, reply: str, params: Mapping[str, Any]) -> str:
+        if self.check_strict(reply, params)[0]:
+            return reply
+        # Control characters would come out as \u00XX escapes, i.e. as digits: drop them.
+        clean = "".join(ch for ch in reply.strip() if ch >= " " or ch in "\n\t")
+        return json.dumps({"reply": clean}, ensure_ascii=False)
+
+
+class BulletList(ConstraintType):
+    """Exactly `n` markdown bullet lines ("- " or "* "); other lines are allowed. Score: closeness of the count."""
+
+    stage = STAGE_STRUCTURE
+
+    def sample_params(self, rng) -> dict[str, Any]:
+        return {"n": rng.choice((3, 4, 5))}
+
+    def check_strict(self, reply: str, params: Mapping[str, Any]) -> tuple[bool, float]:
+        found, n = len(_BULLET.findall(reply)), params["n"]
+        return found == n, min(found, n) / max(found, n)
+
+    def rewrite(self, reply: str, params: Mapping[str, Any]) -> str:
+        if self.check_strict(reply, params)[0]:
+            return reply
+        head, body, tail = split_frame(reply)
+        items = "\n".join(f"- {group}" for group in _groups(body, params["n"]))
+        return join_frame(head, items, tail)
+
+
+class Quoted(ConstraintType):
+    """The whole reply is wrapped in straight double quotes."""
+
+    stage = STAGE_WRAP
+
+    def check_strict(self, reply: str, params: Mapping[str, Any]) -> tuple[bool, float]:
+        text = reply.strip()
+        return len(text) >= 2 and text[0] == '"' and text[-1] == '"', 0.0
+
+    def rewrite(self, reply: str, params: Mapping[str, Any]) -> str:
+        return reply if self.check_strict(reply, params)[0] else f'"{reply.strip()}"'
+
+
+class Title(ConstraintType):
+    """The first line is a title in double angular brackets, <<like this>>, with at least one word."""
+
+    stage = STAGE_STRUCTURE
+
+    def check_strict(self, reply: str, params: Mapping[str, Any]) -> tuple[bool, float]:
+        m = _TITLE.fullmatch(reply.strip().partition("\n")[0].strip())
+        return bool(m) and WORD_RE.search(m.group(1)) is not None, 0.0
+
+    def rewrite(self, reply: str, params: Mapping[str, Any]) -> str:
+        if self.check_strict(reply, params)[0]:
+            return reply
+        _, body, tail = split_frame(reply)  # an empty "<<>>" title is dropped and replaced
+        if not WORD_RE.search(body):
+            body = cycle_pick(FILLERS, body)
+        plain = [w for w in words(body) if not any(c.isdigit() for c in w)][:4]
+        title = " ".join(w[:1].upper() + w[1:] for w in plain) or "Reply"
+        return join_frame(f"<<{title}>>", body, tail)
+
+
+class Sections(ConstraintType):
+    """Exactly `n` sections headed "SECTION 1" ... "SECTION n" (in order, each with some text)."""
+
+    stage = STAGE_STRUCTURE
+
+    def sample_params(self, rng) -> dict[str, Any]:
+        return {"n": rng.choice((2, 3))}
+
+    def check_strict(self, reply: str, params: Mapping[str, Any]) -> tuple[bool, float]:
+        headers = list(_SECTION.finditer(reply))
+        n = params["n"]
+        numbers = [int(m.group(1)) if len(m.group(1)) < 6 else 0 for m in headers]
+        ends = [m.start() for m in headers[1:]] + [len(reply)] * bool(headers)
+        filled = [
+            WORD_RE.search(reply, m.end(), end) is not None for m, end in zip(headers, ends, strict=True)
+        ]
+        ok = numbers == list(range(1, n + 1)) and all(filled)
+        # Partial credit: the expected sections present with text, over the larger of wanted and found.
+        good = {k for k, full in zip(numbers, filled, strict=True) if full and 1 <= k <= n}
+        return ok, len(good) / max(n, len(headers))
+
+    def rewrite(self, reply: str, params: Mapping[str, Any]) -> str:
+        if self.check_strict(reply, params)[0]:
+            return reply
+        head, body, tail = split_frame(reply)
+        parts = [f"SECTION {i}\n{group}" for i, group in enumerate(_groups(body, params["n"]), start=1)]
+        return join_frame(head, "\n\n".join(parts), tail)
+
+
+class Postscript(ConstraintType):
+    """The last paragraph is a postscript starting "P.S." followed by some text."""
+
+    stage = STAGE_STRUCTURE
+
+    def check_strict(self, reply: str, params: Mapping[str, Any]) -> tuple[bool, float]:
+        return _is_postscript(_last_paragraph(reply.strip())[1]), 0.0
+
+    def rewrite(self, reply: str, params: Mapping[str, Any]) -> str:
+        if self.check_strict(reply, params)[0]:
+            return reply
+        note = f"P.S. {cycle_pick(POSTSCRIPTS, reply)}"
+        body = reply.strip()
+        return f"{body}\n\n{note}" if WORD_RE.search(body) else note
