@@ -168,7 +168,8 @@ def build_all(config: DataBuildConfig, *, tokenizer=None, reply_fn: ReplyFn | No
         f"{config.dialogue.min_rounds}-{config.dialogue.max_rounds} rounds")
     rejects: list[dict[str, Any]] = []
 
-    sft_windows = windows[: config.sft.conversations + config.sft.conversations // 4]
+    # A margin of spare windows covers dialogues that cannot be made compliant (counted as skips).
+    sft_windows = windows[: config.sft.conversations + max(8, config.sft.conversations // 4)]
     replies = None
     if config.sft.reply_source == "policy":
         if reply_fn is None:

@@ -208,7 +208,7 @@ def build_sft(windows: Sequence[Window], config: SFTSetConfig, *, rejects: list[
         stats.rounds[window.rounds] += 1
         stats.constraint_types.update(c.type_name for c in window.constraints)
     if len(rows) < config.conversations:
-        stats.skipped["corpus exhausted before the requested count"] = config.conversations - len(rows)
+        stats.skipped["fewer usable windows than requested"] = config.conversations - len(rows)
     return rows, stats
 
 
@@ -269,7 +269,7 @@ def build_preferences(
     if available > len(rows):
         stats.skipped["not needed after balancing rounds"] = available - len(rows)
     if len(rows) < config.pairs:
-        stats.skipped["corpus exhausted before the requested count"] = config.pairs - len(rows)
+        stats.skipped["fewer usable pairs than requested"] = config.pairs - len(rows)
     return rows, stats
 
 

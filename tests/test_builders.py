@@ -130,3 +130,27 @@ def test_policy_replies_are_cached(tmp_path):
     assert again(batch) == first and calls == [3] and again.hits == 3
     CachedReplies(fake_generate, cache_path, "model-b")(batch)  # another model: generate again
     assert calls == [3, 3]
+
+
+def test_policy_replies_through_the_data_recipe_are_compliant_and_cached(tmp_path, tiny_model_dir):
+    from dialogrl.training import data_stage
+    from dialogrl.training.config import load_recipe
+
+    overrides = [
+        f"output_dir={tmp_path / 'out'}", f"model.name_or_path={tiny_model_dir}", "sft.reply_source=policy",
+        "sft.conversations=3", "preferences.pairs=10", "dialogue.max_rounds=4", "sampling.max_new_tokens=8",
+        "max_length=null",
+    ]
+    recipe = load_recipe(None, overrides, expected=data_stage.DataRecipe)
+    manifest = data_stage.main(recipe, log=lambda _m: None)
+    assert manifest["sft"]["rows"] == 3
+    generated = manifest["policy_reply_cache"]["generated"]
+    assert generated > 0 and manifest["policy_reply_cache"]["hits"] == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "sft.jsonl").read_text().splitlines()]
+    for row in rows:
+        constraints = [catalogue.Constraint.from_dict(c) for c in row["meta"]["constraints"]]
+        for r in range(1, row["meta"]["rounds"] + 1):
+            active = [c for c, intro in zip(constraints, row["meta"]["intro_round"], strict=True) if intro <= r]
+            assert all(c.check(row["messages"][2 * r]["content"]).strict for c in active)
+    rerun = data_stage.main(recipe, log=lambda _m: None)
+    assert rerun["policy_reply_cache"] == {"hits": generated, "generated": 0}

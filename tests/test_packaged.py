@@ -84,3 +84,23 @@ def test_packaged_model_second_turn_sees_the_first(fetched_home, monkeypatch):
     session.reply("What is my name?")
     prompt = session.tokenizer.decode(session.last_prompt_ids)
     assert "My name is Ada." in prompt and first in prompt
+
+
+def test_assistant_mask_on_the_real_smollm2_tokenizer(fetched_home):
+    from transformers import AutoTokenizer
+
+    from dialogrl.data.chat_tokens import ChatTokenizer
+
+    _home, path = fetched_home
+    chat = ChatTokenizer(AutoTokenizer.from_pretrained(path))
+    messages = [
+        {"role": "system", "content": "Answer in lowercase."},
+        {"role": "user", "content": "Hi, who are you?"},
+        {"role": "assistant", "content": "i am a small model."},
+        {"role": "user", "content": "What's 2+2?"},
+        {"role": "assistant", "content": "four, of course."},
+    ]
+    result = chat(messages)
+    texts = [chat.tokenizer.decode(result.input_ids[a:b]) for a, b in result.assistant_spans()]
+    assert texts == ["i am a small model.<|im_end|>", "four, of course.<|im_end|>"]
+    assert result.turn_index[result.assistant_spans()[1][0]] == 2
