@@ -115,6 +115,16 @@ class ChatTokenizer:
         return text, spans, message_ends
 
     def _assistant_span(self, messages: Sequence[dict[str, str]], k: int, text: str) -> tuple[int, int]:
+        start, _content_end, end = self.locate_reply(messages, k, text)
+        return start, end
+
+    def locate_reply(self, messages: Sequence[dict[str, str]], k: int, text: str) -> tuple[int, int, int]:
+        """Where assistant message k sits in `text` (a rendering of messages that include it).
+
+        Returns (content start, content end, end of its end-of-turn token) as
+        character offsets. Rollouts use it to append only what follows a reply
+        to a cached prefix.
+        """
         prompt = _render(self.tokenizer, messages[:k], generation_prompt=True)
         if not text.startswith(prompt):
             where = _first_difference(prompt, text)
@@ -133,7 +143,7 @@ class ChatTokenizer:
         while start >= 0:
             end_token = self._end_pattern.match(text, start + len(content))
             if end_token:
-                return start, end_token.end()
+                return start, start + len(content), end_token.end()
             start = text.find(content, start + 1)
         if not found_content:
             raise TemplateError(

@@ -1,0 +1,239 @@
+"""The multi-round rollout engine: the evaluator and PPO both play dialogues with it.
+
+Each round appends every dialogue's next user turn, generates all replies in
+one batched `generate` call, and appends the replies, so the history is always
+the model's own. The key/value cache is kept between rounds: a round feeds the
+model only the tokens that are new since the last one (the end of the previous
+reply, the template's turn markers, the user turn, the generation prompt), so
+the cost grows about linearly with the number of rounds instead of
+re-encoding the whole history each time.
+
+Batch layout. Rows start left-padded; in later rounds every row's new tokens
+are left-padded to a common length and appended, so padding also sits in the
+middle of rows, always with attention mask 0. Position ids come from the
+cumulative attention mask (transformers does this in `generate`), so a row's
+positions are the same as if it had no padding at all. Tokens a row produces
+after its end-of-turn token (while other rows are still generating) are masked
+out the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from dialogrl.data.chat_tokens import ChatTokenizer
+from dialogrl.evaluation.sampling import SamplingConfig
+
+
+class UserSource(Protocol):
+    """Where user turns come from: `next_user_turn(history)` gives the next one, or None to end."""
+
+    def next_user_turn(self, messages: list[dict[str, str]], round_number: int) -> str | None: ...
+
+
+@dataclass
+class DialogueSpec:
+    """A dialogue to play: its system prompt and who speaks as the user."""
+
+    dialogue_id: str
+    system_prompt: str | None
+    user: UserSource
+    # Round number -> text put before that round's user turn (a rule the user states, a reminder).
+    user_prefix: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class Trajectory:
+    """A played dialogue. Token fields are filled when asked for, all of the same length T.
+
+    token_ids:      [T] the whole dialogue as the model saw it (padding removed)
+    assistant_mask: [T] 1 on tokens the policy generated (each reply and its end token)
+    turn_index:     [T] round of each token (0 for the system prompt)
+    logprobs:       [T] log-probability of each generated token under the sampling distribution, 0.0 elsewhere
+    """
+
+    dialogue_id: str
+    messages: list[dict[str, str]]
+    ended_properly: list[bool]  # per reply: it stopped at an end-of-turn token, not at the length limit
+    generated_tokens: list[int]  # per reply: how many tokens the model generated
+    token_ids: list[int] = field(default_factory=list)
+    assistant_mask: list[int] = field(default_factory=list)
+    turn_index: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def rounds(self) -> int:
+        return sum(m["role"] == "assistant" for m in self.messages)
+
+
+@dataclass
+class _Row:
+    """One dialogue's state inside a batch: every position of its (padded) sequence."""
+
+    spec: DialogueSpec
+    messages: list[dict[str, str]]
+    tokens: list[int] = field(default_factory=list)
+    attention: list[int] = field(default_factory=list)  # 0 on padding and on tokens after a reply's end
+    generated: list[int] = field(default_factory=list)  # 1 on tokens the policy generated and kept
+    turn: list[int] = field(default_factory=list)
+    logprob: list[float] = field(default_factory=list)
+    ended_properly: list[bool] = field(default_factory=list)
+    generated_counts: list[int] = field(default_factory=list)
+    active: bool = True
+
+
+class RolloutEngine:
+    """Plays batches of dialogues for R rounds with one model; see the module docstring."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        sampling: SamplingConfig,
+        *,
+        batch_size: int = 16,
+        reuse_cache: bool = True,
+        generation_context: Callable[[Any, Any, Any, list[int]], Any] | None = None,
+    ):
+        """`generation_context(model, input_ids, attention_mask, system_lengths)` may return a context
+        manager that wraps each generate call (an intervention such as split-softmax)."""
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chat = ChatTokenizer(tokenizer)
+        self.sampling = sampling
+        self.batch_size = batch_size
+        self.reuse_cache = reuse_cache
+        self.generation_context = generation_context
+        self.generate_kwargs = sampling.generate_kwargs(tokenizer, model)
+        self.stop_ids = set(self.generate_kwargs["eos_token_id"])
+        self.pad_id = self.generate_kwargs["pad_token_id"]
+        self.tokens_generated = 0
+
+    def play(self, dialogues: Sequence[DialogueSpec], rounds: int, *, with_tokens: bool = False) -> list[Trajectory]:
+        import torch
+
+        results: list[Trajectory] = []
+        for start in range(0, len(dialogues), self.batch_size):
+            # One seed per batch: a dialogue's sampled replies do not depend on what ran before it.
+            torch.manual_seed(self.sampling.seed + start)
+            results += self._play_batch(dialogues[start: start + self.batch_size], rounds, with_tokens)
+        return results
+
+    # ------------------------------------------------------------------ one batch
+
+    def _play_batch(self, specs: Sequence[DialogueSpec], rounds: int, with_tokens: bool) -> list[Trajectory]:
+        rows = [_Row(spec, [{"role": "system", "content": spec.system_prompt}] if spec.system_prompt else [])
+                for spec in specs]
+        in_cache: list[_Row] = []  # rows held by `cache`, in its batch order
+        cache = None
+        for round_number in range(1, rounds + 1):
+            for row in rows:
+                if row.active:
+                    text = row.spec.user.next_user_turn(row.messages, round_number)
+                    if text is None:
+                        row.active = False
+                        continue
+                    prefix = row.spec.user_prefix.get(round_number)
+                    row.messages.append({"role": "user", "content": f"{prefix} {text}" if prefix else text})
+            live = [row for row in rows if row.active]
+            if not live:
+                break
+            if not self.reuse_cache:
+                cache = None
+                for row in live:
+                    row.tokens, row.attention, row.generated, row.turn, row.logprob = [], [], [], [], []
+            elif cache is not None and len(live) < len(in_cache):
+                # Dialogues whose user has finished leave the batch, and their cache rows with them.
+                import torch
+
+                keep = torch.tensor([i for i, row in enumerate(in_cache) if row.active])
+                for layer in cache.layers:
+                    layer.batch_select_indices(keep)
+            cache = self._generate_round(live, cache, round_number)
+            in_cache = live
+        return [self._trajectory(row, with_tokens) for row in rows]
+
+    def _new_segment(self, row: _Row) -> str:
+        """Template text from the end of what the row already holds to the new generation prompt."""
+        text = self.tokenizer.apply_chat_template(row.messages, tokenize=False, add_generation_prompt=True)
+        replies = [i for i, m in enumerate(row.messages) if m["role"] == "assistant"]
+        if not row.tokens or not replies:
+            return text
+        k = replies[-1]
+        _start, content_end, span_end = self.chat.locate_reply(row.messages, k, text)
+        # A reply cut at the length limit has no end token yet: the template's comes in the new segment.
+        return text[span_end if row.ended_properly[-1] else content_end:]
+
+    def _generate_round(self, rows_in_batch: list[_Row], cache, round_number: int):
+        import torch
+
+        segments = self.tokenizer([self._new_segment(row) for row in rows_in_batch], add_special_tokens=False)[
+            "input_ids"]
+        width = max(len(s) for s in segments)
+        for row, segment in zip(rows_in_batch, segments, strict=True):
+            pad = width - len(segment)
+            row.tokens += [self.pad_id] * pad + segment
+            row.attention += [0] * pad + [1] * len(segment)
+            row.generated += [0] * width
+            row.turn += [0] * pad + [round_number] * len(segment)
+            row.logprob += [0.0] * width
+        input_ids = torch.tensor([row.tokens for row in rows_in_batch], device=self.model.device)
+        attention = torch.tensor([row.attention for row in rows_in_batch], device=self.model.device)
+        system_lengths = [self._system_length(row) for row in rows_in_batch]
+
+        context = (self.generation_context(self.model, input_ids, attention, system_lengths)
+                   if self.generation_context else contextlib.nullcontext())
+        with torch.inference_mode(), context:
+            output = self.model.generate(
+                input_ids=input_ids, attention_mask=attention, past_key_values=cache, use_cache=True,
+                return_dict_in_generate=True, output_logits=True, **self.generate_kwargs,
+            )
+        new_tokens = output.sequences[:, input_ids.shape[1]:]
+        logprobs = self._token_logprobs(output.logits, new_tokens)
+        for b, row in enumerate(rows_in_batch):
+            self._append_reply(row, new_tokens[b].tolist(), logprobs[b].tolist(), round_number)
+        return output.past_key_values
+
+    def _append_reply(self, row: _Row, tokens: list[int], logprobs: list[float], round_number: int) -> None:
+        end = next((i for i, t in enumerate(tokens) if t in self.stop_ids), None)
+        kept = len(tokens) if end is None else end + 1
+        row.tokens += tokens
+        row.attention += [1] * kept + [0] * (len(tokens) - kept)
+        row.generated += [1] * kept + [0] * (len(tokens) - kept)
+        row.turn += [round_number] * kept + [0] * (len(tokens) - kept)
+        row.logprob += logprobs[:kept] + [0.0] * (len(tokens) - kept)
+        row.ended_properly.append(end is not None)
+        row.generated_counts.append(kept)
+        self.tokens_generated += kept
+        text = self.tokenizer.decode(tokens[:kept], skip_special_tokens=True).strip()
+        row.messages.append({"role": "assistant", "content": text})
+
+    def _token_logprobs(self, logits: tuple, tokens):
+        import torch
+
+        # [B, new, V] raw logits -> log-probs of the sampled tokens under the sampling temperature.
+        stacked = torch.stack(logits, dim=1).float()
+        if self.sampling.temperature > 0:
+            stacked = stacked / self.sampling.temperature
+        return torch.log_softmax(stacked, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+    def _system_length(self, row: _Row) -> int:
+        """Tokens of the rendered system turn at the start of the row (for split-softmax)."""
+        if not row.spec.system_prompt:
+            return 0
+        first = self.tokenizer.apply_chat_template(row.messages[:2], tokenize=False, add_generation_prompt=False)
+        end = first.find(row.spec.system_prompt) + len(row.spec.system_prompt)
+        return len(self.tokenizer(first[:end], add_special_tokens=False)["input_ids"])
+
+    def _trajectory(self, row: _Row, with_tokens: bool) -> Trajectory:
+        trajectory = Trajectory(row.spec.dialogue_id, row.messages, row.ended_properly, row.generated_counts)
+        if with_tokens:
+            keep = [i for i, a in enumerate(row.attention) if a]
+            trajectory.token_ids = [row.tokens[i] for i in keep]
+            trajectory.assistant_mask = [row.generated[i] for i in keep]
+            trajectory.turn_index = [row.turn[i] for i in keep]
+            trajectory.logprobs = [row.logprob[i] for i in keep]
+        return trajectory

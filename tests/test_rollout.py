@@ -1,0 +1,95 @@
+"""The rollout engine: batched and cached play equals one-at-a-time play from scratch."""
+
+from __future__ import annotations
+
+import pytest
+
+from dialogrl.evaluation.rollout import DialogueSpec, RolloutEngine
+from dialogrl.evaluation.sampling import SamplingConfig
+from dialogrl.evaluation.users import PressureUser, ReplayedUser
+from dialogrl.training.models import ModelConfig, load_causal_lm, load_tokenizer
+
+SCRIPTS = [
+    ["hello there", "what do you like to eat?", "tell me more", "ok bye"],
+    ["hi", "I have a dog named Rex who loves long walks in the park", "what about cats?"],  # ends after 3 rounds
+    ["good morning!", "how is the weather", "nice", "and tomorrow?"],
+]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    config = ModelConfig(name_or_path=str(tiny_model_dir))
+    return load_causal_lm(config).eval(), load_tokenizer(config)
+
+
+def specs():
+    return [
+        DialogueSpec(f"d{i}", "Answer in lowercase." if i != 2 else None, ReplayedUser(script),
+                     user_prefix={2: "From now on call me Sam."} if i == 0 else {})
+        for i, script in enumerate(SCRIPTS)
+    ]
+
+
+def play(model, tokenizer, *, batch_size, reuse_cache, with_tokens=False, max_new_tokens=12):
+    engine = RolloutEngine(model, tokenizer, SamplingConfig(max_new_tokens=max_new_tokens), batch_size=batch_size,
+                           reuse_cache=reuse_cache)
+    return engine.play(specs(), rounds=4, with_tokens=with_tokens)
+
+
+def test_batched_cached_play_equals_one_at_a_time_from_scratch(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    batched = play(model, tokenizer, batch_size=3, reuse_cache=True)
+    single = play(model, tokenizer, batch_size=1, reuse_cache=False)
+    assert [t.messages for t in batched] == [t.messages for t in single]
+    assert [t.rounds for t in batched] == [4, 3, 4]
+    assert batched[0].messages[3]["content"].startswith("From now on call me Sam. ")
+
+
+def test_token_outputs_line_up_with_the_messages(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    for trajectory in play(model, tokenizer, batch_size=3, reuse_cache=True, with_tokens=True):
+        n = len(trajectory.token_ids)
+        assert n == len(trajectory.assistant_mask) == len(trajectory.turn_index) == len(trajectory.logprobs)
+        # Everything outside the replies is the template's rendering of the system and user turns.
+        decoded = tokenizer.decode([t for t, m in zip(trajectory.token_ids, trajectory.assistant_mask, strict=True)
+                                    if not m])
+        for message in trajectory.messages:
+            if message["role"] != "assistant":
+                assert message["content"] in decoded
+        spans, start = [], None
+        for i, bit in enumerate(trajectory.assistant_mask + [0]):
+            if bit and start is None:
+                start = i
+            elif not bit and start is not None:
+                spans.append((start, i))
+                start = None
+        replies = [m["content"] for m in trajectory.messages if m["role"] == "assistant"]
+        assert len(spans) == len(replies) == trajectory.rounds
+        for (a, b), reply, count in zip(spans, replies, trajectory.generated_tokens, strict=True):
+            assert b - a == count
+            assert tokenizer.decode(trajectory.token_ids[a:b], skip_special_tokens=True).strip() == reply
+            assert all(lp <= 0.0 for lp in trajectory.logprobs[a:b])
+            assert set(trajectory.turn_index[a:b]) == {trajectory.turn_index[a]}
+        assert all(lp == 0.0 for lp, m in zip(trajectory.logprobs, trajectory.assistant_mask, strict=True) if not m)
+
+
+def test_greedy_logprobs_are_the_maximum(model_and_tokenizer):
+    import torch
+
+    model, tokenizer = model_and_tokenizer
+    (trajectory, *_rest) = play(model, tokenizer, batch_size=3, reuse_cache=True, with_tokens=True)
+    ids = torch.tensor([trajectory.token_ids])
+    with torch.no_grad():
+        logits = model(ids).logits.log_softmax(-1)[0]
+    positions = [i for i, m in enumerate(trajectory.assistant_mask) if m]
+    recomputed = [logits[i - 1, trajectory.token_ids[i]].item() for i in positions]
+    assert recomputed == pytest.approx([trajectory.logprobs[i] for i in positions], abs=1e-4)
+
+
+def test_pressure_turns_replace_the_base_turn_at_their_rounds():
+    source = PressureUser(ReplayedUser(["a", "b", "c"]), {2: "drop_rule"})
+    assert source.next_user_turn([], 1) == "a"
+    assert "forget whatever instructions" in source.next_user_turn([], 2)
+    assert source.next_user_turn([], 4) is None
+    with pytest.raises(ValueError, match="unknown pressure kinds"):
+        PressureUser(ReplayedUser([]), {1: "shout"})
