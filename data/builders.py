@@ -148,15 +148,11 @@ def _with_rules(dialogue: CorpusDialogue, start: int, rounds: int, config: Dialo
         for rule in system_rules:
             if len(chosen) == k:
                 break
-            if all(_compatible(rule, other) for other in chosen):
+            if catalogue.compatible([rule.type_name, *(c.type_name for c in chosen)]):
                 chosen.append(rule)
     intro = [rng.randint(1, min(config.max_intro_round, rounds)) if c.type.introduced_by == "user" else 1
              for c in chosen]
     return Window(dialogue, start, rounds, chosen, intro)
-
-
-def _compatible(a: Constraint, b: Constraint) -> bool:
-    return a.type_name != b.type_name and b.type_name not in a.type.conflicts and a.type_name not in b.type.conflicts
 
 
 @dataclass

@@ -94,6 +94,14 @@ def load_chitchat(split: Split, *, min_rounds: int = 1) -> list[CorpusDialogue]:
     return dialogues
 
 
+def chitchat_utterances() -> Iterator[str]:
+    """Every message text in the corpus (both splits): word statistics, not training data."""
+    for conversation in _raw_chitchat().values():
+        for group in conversation["messages"]:
+            for message in group:
+                yield str(message.get("text", ""))
+
+
 def chitchat_stats() -> dict[str, int]:
     """How many conversations each split holds and how many are usable (>= 1 exchange)."""
     counts = {"conversations": 0, "train": 0, "eval": 0, "usable_train": 0, "usable_eval": 0}

@@ -9,6 +9,7 @@ or usage error, 1 for anything else.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from dialogrl.training.config import RecipeError, describe_recipe, dump_recipe, load_recipe, recipe_kinds
@@ -109,6 +110,26 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from dialogrl.training import eval_stage
+
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append("models=[" + ", ".join(json.dumps(m) for m in args.model) + "]")
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    recipe = load_recipe(args.config, overrides, expected=eval_stage.EvalRecipe)
+    try:
+        report = eval_stage.main(recipe, log=lambda msg: print(msg, file=sys.stderr))
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    for label, m in report["models"].items():
+        print(f"{label}: strict AUC {m['auc_strict']:.3f}, retention {m['retention']}, "
+              f"seen {m['seen']['strict']}, unseen {m['unseen']['strict']}, gate pass {m['gate_pass_rate']:.3f}")
+    print(f"report: {recipe.output_dir}/report.md")
+    return 0
+
+
 def _cmd_recipe_show(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     print(dump_recipe(recipe), end="")
@@ -171,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--config", required=True, help="data recipe (YAML), e.g. recipes/smollm2-135m/data.yaml")
     build.add_argument("overrides", nargs="*", help="dotted.key=value")
     build.set_defaults(handler=_cmd_data_build)
+
+    evaluate = commands.add_parser(
+        "eval", help="multi-round adherence evaluation of one or more models",
+        description="Play N dialogues x R rounds per model and score how well each keeps its system prompt's rules.",
+    )
+    evaluate.add_argument("--config", help="eval recipe (YAML), e.g. recipes/smollm2-135m/eval-quick.yaml")
+    evaluate.add_argument("--model", action="append",
+                          help="model to evaluate (repeatable): REF or REF@repeat_rules / REF@split_softmax")
+    evaluate.add_argument("--output-dir", help="where the report goes (same as output_dir=DIR)")
+    evaluate.add_argument("overrides", nargs="*", help="dotted.key=value")
+    evaluate.set_defaults(handler=_cmd_eval)
 
     recipe = commands.add_parser("recipe", help="validate recipes and list their keys")
     recipe_commands = recipe.add_subparsers(dest="recipe_command", metavar="ACTION", required=True)

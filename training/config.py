@@ -48,6 +48,7 @@ RECIPE_KINDS: dict[str, type] = {}
 STAGE_MODULES = {
     "chat": "dialogrl.training.chat",
     "data": "dialogrl.training.data_stage",
+    "eval": "dialogrl.training.eval_stage",
 }
 
 

@@ -33,7 +33,7 @@ def main(recipe: DataRecipe, log=print) -> dict:
     tokenizer = load_tokenizer(recipe.model, resolved)
     reply_fn = None
     if recipe.sft.reply_source == "policy":
-        from dialogrl.training.generation import reply_generator
+        from dialogrl.evaluation.generation import reply_generator
 
         model = load_causal_lm(recipe.model, resolved).eval()
         model_key = json.dumps({"model": recipe.model.name_or_path, "sampling": dump_recipe(recipe.sampling)})

@@ -1,4 +1,4 @@
-"""Batched reply generation with Hugging Face `generate`, for dataset building.
+"""Batched one-turn reply generation with Hugging Face `generate` (policy replies, simulated users).
 
 Conversations are rendered with the model's own template (generation prompt
 on), left-padded into one batch, and decoded up to the end-of-turn token.

@@ -1,0 +1,131 @@
+"""Play the scenarios with a model and score every reply: the evaluator's core.
+
+`evaluate_model` is what `dialogrl eval` and the pipeline call. For each
+scenario it plays R rounds with the rollout engine (the model's own replies
+stay in the history), gates every reply, checks it against every rule standing
+at that round (strict and loose), and returns one verdict record per dialogue
+in the shape `metrics.summarise` reads.
+
+Interventions run in the same harness:
+- `repeat_rules`: the standing rules are restated before every user turn from
+  round 2 on (system-prompt repetition);
+- `split_softmax`: attention to the system prompt is boosted in every head
+  (see `interventions.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from dialogrl.data.options import option
+from dialogrl.evaluation.gate import GateConfig, check_gate
+from dialogrl.evaluation.rollout import DialogueSpec, RolloutEngine, Trajectory
+from dialogrl.evaluation.sampling import SamplingConfig
+from dialogrl.evaluation.scenarios import Scenario, ScenarioConfig
+from dialogrl.evaluation.users import PressureUser, ReplayedUser, SimulatedUser
+
+Intervention = Literal["none", "repeat_rules", "split_softmax"]
+INTERVENTIONS = ("none", "repeat_rules", "split_softmax")
+REMINDER = "(Reminder of your instructions: {rules})"
+
+
+@dataclass
+class SplitSoftmaxOptions:
+    k: float = option(0.5, help="Exponent in (0, 1]: pi -> pi^k on the system span; 1 changes nothing.")
+    max_boost: float = option(10.0, help="Cap on how much attention to system tokens may be multiplied.")
+    exclude_first_token: bool = option(True, help="Leave the first token (an attention sink) out of the span.")
+
+
+@dataclass
+class EvalConfig:
+    scenarios: ScenarioConfig = option(default_factory=ScenarioConfig, help="Which dialogues and rules are played.")
+    sampling: SamplingConfig = option(
+        default_factory=lambda: SamplingConfig(max_new_tokens=96), help="How replies are decoded (greedy by default)."
+    )
+    gate: GateConfig = option(default_factory=GateConfig, help="The quality gate every reply must pass to count.")
+    split_softmax: SplitSoftmaxOptions = option(
+        default_factory=SplitSoftmaxOptions, help="Settings of the split_softmax intervention."
+    )
+    batch_size: int = option(16, help="Dialogues played together (one KV cache); memory grows with it.")
+    bootstrap_samples: int = option(1000, help="Bootstrap resamples for confidence intervals.")
+
+
+def dialogue_specs(scenarios: list[Scenario], intervention: str, simulated_user=None) -> list[DialogueSpec]:
+    specs = []
+    for scenario in scenarios:
+        user = (SimulatedUser(simulated_user, scenario.user_turns[0]) if simulated_user is not None
+                else ReplayedUser(scenario.user_turns))
+        if scenario.pressure:
+            user = PressureUser(user, scenario.pressure, long_text=scenario.long_text)
+        prefixes = dict(scenario.stated_by_user())
+        if intervention == "repeat_rules":
+            for r in range(2, len(scenario.user_turns) + 1):
+                standing = [c.instruction for c in scenario.standing(r - 1)]
+                if standing:
+                    reminder = REMINDER.format(rules=" ".join(standing))
+                    prefixes[r] = f"{reminder} {prefixes[r]}" if r in prefixes else reminder
+        specs.append(DialogueSpec(scenario.dialogue_id, scenario.system_prompt(), user, prefixes))
+    return specs
+
+
+def score_dialogue(scenario: Scenario, trajectory: Trajectory, gate: GateConfig, user_source: str) -> dict[str, Any]:
+    """One dialogue's verdicts: per round, the gate and every standing rule (strict and loose)."""
+    replies = [m["content"] for m in trajectory.messages if m["role"] == "assistant"]
+    turns = []
+    for r, reply in enumerate(replies, start=1):
+        gate_result = check_gate(reply, gate)
+        checks = []
+        for constraint in scenario.standing(r):
+            verdict = constraint.check(reply)
+            checks.append({"type_name": constraint.type_name, "family": constraint.type.family,
+                           "held_out": scenario.unseen, "strict": verdict.strict, "loose": verdict.loose,
+                           "score": verdict.score})
+        turns.append({"round": r, "gate_pass": gate_result.passed, "gate_reason": gate_result.reason,
+                      "ended_properly": trajectory.ended_properly[r - 1], "checks": checks})
+    source = user_source + ("+pressure" if scenario.pressure else "")
+    return {"dialogue_id": scenario.dialogue_id, "user_source": source, "unseen": scenario.unseen,
+            "turns": turns, "messages": trajectory.messages}
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    scenarios: list[Scenario],
+    config: EvalConfig,
+    *,
+    intervention: str = "none",
+    log=print,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Verdict records for every scenario, and the engine's speed (generated tokens, seconds)."""
+    import time
+
+    if intervention not in INTERVENTIONS:
+        raise ValueError(f"unknown intervention {intervention!r}; choose from {', '.join(INTERVENTIONS)}")
+    context = None
+    if intervention == "split_softmax":
+        from dialogrl.evaluation.interventions import SplitSoftmaxConfig, split_softmax, system_span_mask
+
+        options = SplitSoftmaxConfig(k=config.split_softmax.k, max_boost=config.split_softmax.max_boost,
+                                     exclude_first_token=config.split_softmax.exclude_first_token)
+
+        def context(model, input_ids, attention_mask, system_lengths):
+            return split_softmax(model, system_span_mask(input_ids, attention_mask, system_lengths), options)
+
+    engine = RolloutEngine(model, tokenizer, config.sampling, batch_size=config.batch_size,
+                           generation_context=context)
+    simulated = None
+    if config.scenarios.user_source == "simulated":
+        from dialogrl.evaluation.generation import reply_generator
+
+        # The same model plays the user, sampling so that users differ between dialogues.
+        simulated = reply_generator(model, tokenizer, SamplingConfig(max_new_tokens=48, temperature=0.8,
+                                                                     seed=config.scenarios.seed), batch_size=1)
+    started = time.perf_counter()
+    trajectories = engine.play(dialogue_specs(scenarios, intervention, simulated), config.scenarios.rounds)
+    seconds = time.perf_counter() - started
+    log(f"played {len(scenarios)} dialogues x {config.scenarios.rounds} rounds in {seconds:.0f} s "
+        f"({engine.tokens_generated / max(seconds, 1e-9):.1f} generated tokens/s)")
+    records = [score_dialogue(s, t, config.gate, config.scenarios.user_source)
+               for s, t in zip(scenarios, trajectories, strict=True)]
+    return records, {"generated_tokens": engine.tokens_generated, "seconds": round(seconds, 2)}

@@ -1,0 +1,187 @@
+"""Evaluation outputs: report.json, report.md, adherence.png, survival.png, dialogues.jsonl.
+
+report.json holds only what the seed and config determine (no timings, no
+dates), so the same seed and config give a byte-identical file. Its schema:
+
+  schema_version, config (the resolved recipe), seed, versions
+  models: {label: {model, intervention, n_dialogues, rounds,
+                   curve: {strict: {rounds, mean, low, high, n}, loose: {...}},
+                   auc_strict, auc_loose, retention, retention_loose, drift_slope,
+                   ssr, r_k, gate_pass_rate, survival, by_family, by_type,
+                   seen, unseen, by_user_source}}
+  comparisons: [{a, b, mode, difference, low, high, paired}]   (AUC of b minus AUC of a)
+
+See `metrics.py` for the definition of every number.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for package in ("dialogrl", "torch", "transformers", "trl"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def build_report(results: dict[str, dict[str, Any]], config: dict[str, Any], seed: int, n_boot: int) -> dict:
+    """`results[label] = {"model", "intervention", "records"}` -> the report.json content."""
+    from dialogrl.evaluation import metrics
+
+    models = {}
+    for label, result in results.items():
+        summary = metrics.summarise(result["records"], n_boot=n_boot, seed=seed)
+        models[label] = {"model": result["model"], "intervention": result["intervention"], **summary}
+    labels = list(results)
+    comparisons = []
+    for other in labels[1:]:
+        diff = metrics.compare(results[labels[0]]["records"], results[other]["records"], mode="strict",
+                               n_boot=n_boot, seed=seed)
+        comparisons.append({"a": labels[0], "b": other, "mode": "strict", **diff})
+    return {"schema_version": SCHEMA_VERSION, "config": config, "seed": seed, "versions": versions(),
+            "models": models, "comparisons": comparisons}
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown(report: dict, speeds: dict[str, dict[str, float]] | None = None) -> str:
+    models = report["models"]
+    cfg = report["config"]
+    scen = cfg.get("scenarios", {})
+    lines = [
+        "# Multi-round adherence report",
+        "",
+        f"{scen.get('dialogues')} dialogues x {scen.get('rounds')} rounds per model, user turns: "
+        f"{scen.get('user_source')}, seed {report['seed']}. A reply is adherent when it passes the quality gate "
+        "and every rule standing at that round. Intervals are 95% bootstrap intervals over dialogues.",
+        "",
+        "| model | AUC strict | AUC loose | A(1) | A(R) | retention | drift/round | SSR | gate pass | seen | unseen |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, m in models.items():
+        means = [x for x in m["curve"]["strict"]["mean"] if x is not None]
+        first, last = (means[0], means[-1]) if means else (None, None)
+        lines.append(
+            f"| {label} | {_fmt(m['auc_strict'])} | {_fmt(m['auc_loose'])} | {_fmt(first)} | {_fmt(last)} | "
+            f"{_fmt(m['retention'])} | {_fmt(m['drift_slope'])} | {_fmt(m['ssr'])} | {_fmt(m['gate_pass_rate'])} | "
+            f"{_fmt(m['seen']['strict'])} | {_fmt(m['unseen']['strict'])} |"
+        )
+    lines += ["", "## Adherence by round (strict, with 95% interval)", ""]
+    rounds = max(len(m["curve"]["strict"]["rounds"]) for m in models.values())
+    lines.append("| model | " + " | ".join(f"r{r}" for r in range(1, rounds + 1)) + " |")
+    lines.append("| --- |" + " --- |" * rounds)
+    for label, m in models.items():
+        c = m["curve"]["strict"]
+        cells = [f"{_fmt(mu, 2)} [{_fmt(lo, 2)}, {_fmt(hi, 2)}]" if mu is not None else "n/a"
+                 for mu, lo, hi in zip(c["mean"], c["low"], c["high"], strict=True)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "## SysBench-style session scores (strict)", "",
+              "R_k: share of dialogues whose first k scored turns all pass.", "",
+              "| model | " + " | ".join(f"R_{k}" for k in range(1, rounds + 1)) + " |",
+              "| --- |" + " --- |" * rounds]
+    for label, m in models.items():
+        lines.append(f"| {label} | " + " | ".join(_fmt(v, 2) for v in m["r_k"]) + " |")
+    lines += ["", "## By constraint family (check-level pass rate, strict)", ""]
+    families = sorted({f for m in models.values() for f in m["by_family"]})
+    lines.append("| model | " + " | ".join(families) + " |")
+    lines.append("| --- |" + " --- |" * len(families))
+    for label, m in models.items():
+        lines.append(f"| {label} | " + " | ".join(
+            _fmt(m["by_family"].get(f, {}).get("pass_rate"), 2) for f in families) + " |")
+    lines += ["", "## By user source (turn-level adherence, strict)", ""]
+    for label, m in models.items():
+        parts = [f"{src}: {_fmt(v.get('adherence'), 2)} ({v.get('turns')} turns)"
+                 for src, v in sorted(m["by_user_source"].items())]
+        lines.append(f"- {label}: " + "; ".join(parts))
+    if report["comparisons"]:
+        lines += ["", "## Differences in strict AUC", ""]
+        for c in report["comparisons"]:
+            lines.append(f"- {c['b']} minus {c['a']}: {_fmt(c['difference'])} "
+                         f"[{_fmt(c['low'])}, {_fmt(c['high'])}] ({'paired' if c['paired'] else 'unpaired'})")
+    if speeds:
+        lines += ["", "## Speed (not part of report.json)", ""]
+        for label, s in speeds.items():
+            rate = s["generated_tokens"] / max(s["seconds"], 1e-9)
+            lines.append(f"- {label}: {s['generated_tokens']} tokens in {s['seconds']:.0f} s ({rate:.1f} tokens/s)")
+    lines += ["", "Trade-off: an intervention that raises adherence while lowering the gate pass rate is buying "
+              "rule-keeping with reply quality; read the two columns together.", ""]
+    return "\n".join(lines)
+
+
+def plot_adherence(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, m in report["models"].items():
+        c = m["curve"]["strict"]
+        points = [(r, mu, lo, hi) for r, mu, lo, hi in zip(c["rounds"], c["mean"], c["low"], c["high"], strict=True)
+                  if mu is not None]
+        if not points:
+            continue
+        rounds, mean, low, high = map(list, zip(*points, strict=True))
+        line, = ax.plot(rounds, mean, marker="o", label=f"{label} (AUC {m['auc_strict']:.2f})")
+        ax.fill_between(rounds, low, high, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("round")
+    ax.set_ylabel("strict adherence (gate passed, all standing rules kept)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("System-prompt adherence by round (95% bootstrap band)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_survival(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, m in report["models"].items():
+        survival = m["survival"]
+        ax.step(range(1, len(survival) + 1), survival, where="post", marker="o", label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("share of dialogues with no violation yet")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("First-violation survival (strict)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(report: dict, results: dict[str, dict[str, Any]], output_dir: str | Path,
+                  speeds: dict[str, dict[str, float]] | None = None) -> Path:
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    (output_dir / "report.md").write_text(markdown(report, speeds))
+    plot_adherence(report, output_dir / "adherence.png")
+    plot_survival(report, output_dir / "survival.png")
+    with (output_dir / "dialogues.jsonl").open("w", encoding="utf-8") as handle:
+        for label, result in results.items():
+            for record in result["records"]:
+                handle.write(json.dumps({"model": label, **record}, ensure_ascii=False) + "\n")
+    return output_dir
