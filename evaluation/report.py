@@ -103,10 +103,10 @@ def markdown(report: dict, speeds: dict[str, dict[str, float]] | None = None) ->
     lines.append("| --- |" + " --- |" * len(families))
     for label, m in models.items():
         lines.append(f"| {label} | " + " | ".join(
-            _fmt(m["by_family"].get(f, {}).get("pass_rate"), 2) for f in families) + " |")
+            _fmt(m["by_family"].get(f, {}).get("strict"), 2) for f in families) + " |")
     lines += ["", "## By user source (turn-level adherence, strict)", ""]
     for label, m in models.items():
-        parts = [f"{src}: {_fmt(v.get('adherence'), 2)} ({v.get('turns')} turns)"
+        parts = [f"{src}: {_fmt(v.get('strict'), 2)} ({v.get('turns')} turns)"
                  for src, v in sorted(m["by_user_source"].items())]
         lines.append(f"- {label}: " + "; ".join(parts))
     if report["comparisons"]:
@@ -129,6 +129,7 @@ def plot_adherence(report: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, m in report["models"].items():
@@ -140,6 +141,7 @@ def plot_adherence(report: dict, path: Path) -> None:
         rounds, mean, low, high = map(list, zip(*points, strict=True))
         line, = ax.plot(rounds, mean, marker="o", label=f"{label} (AUC {m['auc_strict']:.2f})")
         ax.fill_between(rounds, low, high, color=line.get_color(), alpha=0.15)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("strict adherence (gate passed, all standing rules kept)")
     ax.set_ylim(-0.02, 1.02)
@@ -156,11 +158,13 @@ def plot_survival(report: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, m in report["models"].items():
         survival = m["survival"]
         ax.step(range(1, len(survival) + 1), survival, where="post", marker="o", label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("share of dialogues with no violation yet")
     ax.set_ylim(-0.02, 1.02)

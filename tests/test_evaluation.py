@@ -1,0 +1,110 @@
+"""The evaluator end to end on the tiny model, and the pieces a report rests on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dialogrl.data import constraints as catalogue
+from dialogrl.evaluation.evaluate import EvalConfig, dialogue_specs, score_dialogue
+from dialogrl.evaluation.gate import check_gate
+from dialogrl.evaluation.rollout import Trajectory
+from dialogrl.evaluation.scenarios import Scenario, ScenarioConfig, build_scenarios
+
+
+@pytest.mark.parametrize(
+    ("reply", "passes"),
+    [
+        ("", False),
+        ("   \n ", False),
+        ("Sure, I can help with that today.", True),
+        ("the cat the cat the cat the cat the cat the cat the cat the cat", False),
+        ("ok\nok\nok\nok\nok", False),
+        ("zxqv plorf wubbleton krazzit vexmor", False),
+        ('{"reply": "sounds good to me"}', True),
+        ("word " * 301, False),
+    ],
+)
+def test_quality_gate(reply, passes):
+    assert check_gate(reply).passed is passes
+
+
+def test_scenarios_are_deterministic_held_out_and_split_seen_unseen():
+    config = ScenarioConfig(dialogues=20, rounds=4, unseen_fraction=0.5, seed=3)
+    first, second = build_scenarios(config), build_scenarios(config)
+    assert [s.to_dict() for s in first] == [s.to_dict() for s in second]
+    from dialogrl.data.corpora import split_of
+
+    for scenario in first:
+        assert split_of(scenario.dialogue_id.split("#")[0]) == "eval"
+        assert all(c.phrasing_split == "eval" for c in scenario.constraints)
+        held = {c.type_name in catalogue.HELD_OUT_TYPES for c in scenario.constraints}
+        assert held == {scenario.unseen}
+    assert sum(s.unseen for s in first) == 10
+
+
+def _scenario_with_user_rule() -> Scenario:
+    import random
+
+    rng = random.Random(0)
+    system_rule = catalogue.make_constraint("no_commas", rng, split="eval")
+    user_rule = catalogue.make_constraint("user_call_me", rng, split="eval")
+    return Scenario("d#0", ["hi", "how are you", "bye"], [system_rule, user_rule], [1, 2], unseen=False)
+
+
+def test_user_rule_is_stated_at_its_round_and_not_checked_before():
+    scenario = _scenario_with_user_rule()
+    (spec,) = dialogue_specs([scenario], "none")
+    assert list(spec.user_prefix) == [2] and spec.user_prefix[2] == scenario.constraints[1].instruction
+    messages = [{"role": "system", "content": scenario.system_prompt()}]
+    for turn in scenario.user_turns:
+        messages += [{"role": "user", "content": turn}, {"role": "assistant", "content": "hello there friend"}]
+    record = score_dialogue(scenario, Trajectory("d#0", messages, [True] * 3, [4] * 3), EvalConfig().gate, "replay")
+    checked = [[c["type_name"] for c in turn["checks"]] for turn in record["turns"]]
+    assert checked == [["no_commas"], ["no_commas", "user_call_me"], ["no_commas", "user_call_me"]]
+    # The reply never uses the name, so from round 2 on it is not adherent; round 1 is.
+    assert [all(c["strict"] for c in t["checks"]) for t in record["turns"]] == [True, False, False]
+
+
+def test_repeat_rules_restates_standing_rules_from_round_two():
+    scenario = _scenario_with_user_rule()
+    (spec,) = dialogue_specs([scenario], "repeat_rules")
+    assert 1 not in spec.user_prefix
+    assert scenario.constraints[0].instruction in spec.user_prefix[2]
+    assert spec.user_prefix[2].endswith(scenario.constraints[1].instruction)  # the user's own rule still stated
+    assert scenario.constraints[1].instruction in spec.user_prefix[3]
+
+
+@pytest.fixture(scope="module")
+def eval_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    args = [sys.executable, "-m", "dialogrl.training.cli", "eval", "--model", str(tiny_model_dir),
+            "--model", f"{tiny_model_dir}@repeat_rules", "scenarios.dialogues=6", "scenarios.rounds=3",
+            "sampling.max_new_tokens=6", "bootstrap_samples=200"]
+    first = subprocess.run([*args, "--output-dir", str(out / "a")], capture_output=True, text=True, timeout=600)
+    second = subprocess.run([*args, "--output-dir", str(out / "b")], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert second.returncode == 0, second.stderr[-3000:]
+    return out
+
+
+def test_eval_writes_all_five_outputs(eval_run):
+    for name in ("report.json", "report.md", "adherence.png", "survival.png", "dialogues.jsonl"):
+        assert (eval_run / "a" / name).stat().st_size > 0, name
+    report = json.loads((eval_run / "a" / "report.json").read_text())
+    assert len(report["models"]) == 2 and len(report["comparisons"]) == 1
+    for model in report["models"].values():
+        for key in ("auc_strict", "auc_loose", "retention", "drift_slope", "ssr", "r_k", "gate_pass_rate",
+                    "survival", "by_family", "seen", "unseen"):
+            assert key in model
+        assert len(model["curve"]["strict"]["mean"]) == 3
+    lines = (eval_run / "a" / "dialogues.jsonl").read_text().splitlines()
+    assert len(lines) == 12 and all(len(json.loads(line)["turns"]) == 3 for line in lines)
+
+
+def test_same_seed_and_config_give_an_identical_report(eval_run):
+    assert (eval_run / "a" / "report.json").read_bytes().replace(b"/a", b"/x") == \
+        (eval_run / "b" / "report.json").read_bytes().replace(b"/b", b"/x")
