@@ -108,3 +108,25 @@ def test_eval_writes_all_five_outputs(eval_run):
 def test_same_seed_and_config_give_an_identical_report(eval_run):
     assert (eval_run / "a" / "report.json").read_bytes().replace(b"/a", b"/x") == \
         (eval_run / "b" / "report.json").read_bytes().replace(b"/b", b"/x")
+
+
+def test_simulated_user_and_pressure_turns_drive_the_dialogue(tiny_model_dir):
+    from dialogrl.evaluation.evaluate import evaluate_model
+    from dialogrl.evaluation.sampling import SamplingConfig
+    from dialogrl.evaluation.users import PRESSURE_TURNS
+    from dialogrl.training.models import ModelConfig, load_causal_lm, load_tokenizer
+
+    config = EvalConfig(
+        scenarios=ScenarioConfig(dialogues=2, rounds=3, user_source="simulated", pressure={3: "drop_rule"}),
+        sampling=SamplingConfig(max_new_tokens=5),
+    )
+    options = ModelConfig(name_or_path=str(tiny_model_dir))
+    model, tokenizer = load_causal_lm(options).eval(), load_tokenizer(options)
+    scenarios = build_scenarios(config.scenarios)
+    records, _speed = evaluate_model(model, tokenizer, scenarios, config, log=lambda _m: None)
+    for scenario, record in zip(scenarios, records, strict=True):
+        users = [m["content"] for m in record["messages"] if m["role"] == "user"]
+        assert users[0].endswith(scenario.user_turns[0])  # the simulated user opens with the human's first turn
+        assert users[1] != scenario.user_turns[1]  # then speaks for itself
+        assert users[2] == PRESSURE_TURNS["drop_rule"]
+        assert record["user_source"] == "simulated+pressure"
