@@ -28,6 +28,8 @@ from dialogrl.evaluation.users import PressureUser, ReplayedUser, SimulatedUser
 Intervention = Literal["none", "repeat_rules", "split_softmax"]
 INTERVENTIONS = ("none", "repeat_rules", "split_softmax")
 REMINDER = "(Reminder of your instructions: {rules})"
+# Neutral on purpose: it asks for nothing a rule could forbid, so any violation is drift.
+PROBE = "Quick question before we go on: how would you describe your day so far, in a sentence or two?"
 
 
 @dataclass
@@ -128,4 +130,36 @@ def evaluate_model(
         f"({engine.tokens_generated / max(seconds, 1e-9):.1f} generated tokens/s)")
     records = [score_dialogue(s, t, config.gate, config.scenarios.user_source)
                for s, t in zip(scenarios, trajectories, strict=True)]
+    if config.scenarios.probe_rounds:
+        _add_probes(model, tokenizer, scenarios, records, config, context)
     return records, {"generated_tokens": engine.tokens_generated, "seconds": round(seconds, 2)}
+
+
+def _add_probes(model, tokenizer, scenarios, records, config: EvalConfig, context) -> None:
+    """Fork each dialogue after the probe rounds, ask PROBE, score the answer; the dialogue is left as played."""
+    specs, owners = [], []
+    for index, record in enumerate(records):
+        turns = [m for m in record["messages"] if m["role"] != "system"]
+        for r in config.scenarios.probe_rounds:
+            if 2 * r <= len(turns):
+                specs.append(DialogueSpec(f"{record['dialogue_id']}@probe{r}", scenarios[index].system_prompt(),
+                                          ReplayedUser([PROBE]), history=turns[: 2 * r]))
+                owners.append((index, r))
+    if not specs:
+        return
+    engine = RolloutEngine(model, tokenizer, config.sampling, batch_size=config.batch_size,
+                           generation_context=context)
+    answers = engine.play(specs, rounds=1)
+    for (index, r), answer in zip(owners, answers, strict=True):
+        reply = answer.messages[-1]["content"]
+        gate_result = check_gate(reply, config.gate)
+        checks = [{"type_name": c.type_name, "family": c.type.family, "held_out": scenarios[index].unseen,
+                   **dict(zip(("strict", "loose"), _verdict(c, reply), strict=True))}
+                  for c in scenarios[index].standing(r)]
+        records[index].setdefault("probes", []).append(
+            {"round": r, "gate_pass": gate_result.passed, "checks": checks, "answer": reply})
+
+
+def _verdict(constraint, reply: str) -> tuple[bool, bool]:
+    verdict = constraint.check(reply)
+    return verdict.strict, verdict.loose

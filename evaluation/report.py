@@ -9,6 +9,7 @@ dates), so the same seed and config give a byte-identical file. Its schema:
                    auc_strict, auc_loose, retention, retention_loose, drift_slope,
                    ssr, r_k, gate_pass_rate, survival, by_family, by_type,
                    seen, unseen, by_user_source}}
+                   probe_curve (only with scenarios.probe_rounds)}
   comparisons: [{a, b, mode, difference, low, high, paired}]   (AUC of b minus AUC of a)
 
 See `metrics.py` for the definition of every number.
@@ -42,6 +43,10 @@ def build_report(results: dict[str, dict[str, Any]], config: dict[str, Any], see
     for label, result in results.items():
         summary = metrics.summarise(result["records"], n_boot=n_boot, seed=seed)
         models[label] = {"model": result["model"], "intervention": result["intervention"], **summary}
+        probes = [{"dialogue_id": r["dialogue_id"], "user_source": "probe", "turns": r["probes"]}
+                  for r in result["records"] if r.get("probes")]
+        if probes:
+            models[label]["probe_curve"] = metrics.curve(probes, "strict", n_boot=n_boot, seed=seed)
     labels = list(results)
     comparisons = []
     for other in labels[1:]:
@@ -91,6 +96,14 @@ def markdown(report: dict, speeds: dict[str, dict[str, float]] | None = None) ->
         cells = [f"{_fmt(mu, 2)} [{_fmt(lo, 2)}, {_fmt(hi, 2)}]" if mu is not None else "n/a"
                  for mu, lo, hi in zip(c["mean"], c["low"], c["high"], strict=True)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    probed = {label: m["probe_curve"] for label, m in models.items() if "probe_curve" in m}
+    if probed:
+        lines += ["", "## Probes (forked history, fixed question; strict adherence of the answer)", ""]
+        for label, c in probed.items():
+            cells = [f"round {r}: {_fmt(mu, 2)} [{_fmt(lo, 2)}, {_fmt(hi, 2)}]"
+                     for r, mu, lo, hi in zip(c["rounds"], c["mean"], c["low"], c["high"], strict=True)
+                     if mu is not None]
+            lines.append(f"- {label}: " + "; ".join(cells))
     lines += ["", "## SysBench-style session scores (strict)", "",
               "R_k: share of dialogues whose first k scored turns all pass.", "",
               "| model | " + " | ".join(f"R_{k}" for k in range(1, rounds + 1)) + " |",

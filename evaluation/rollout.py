@@ -43,6 +43,8 @@ class DialogueSpec:
     user: UserSource
     # Round number -> text put before that round's user turn (a rule the user states, a reminder).
     user_prefix: dict[int, str] = field(default_factory=dict)
+    # Earlier user/assistant turns to continue from (a forked dialogue); rounds count on from them.
+    history: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -125,8 +127,8 @@ class RolloutEngine:
     # ------------------------------------------------------------------ one batch
 
     def _play_batch(self, specs: Sequence[DialogueSpec], rounds: int, with_tokens: bool) -> list[Trajectory]:
-        rows = [_Row(spec, [{"role": "system", "content": spec.system_prompt}] if spec.system_prompt else [])
-                for spec in specs]
+        rows = [_Row(spec, ([{"role": "system", "content": spec.system_prompt}] if spec.system_prompt else [])
+                     + list(spec.history)) for spec in specs]
         in_cache: list[_Row] = []  # rows held by `cache`, in its batch order
         cache = None
         for round_number in range(1, rounds + 1):

@@ -38,6 +38,11 @@ class ScenarioConfig:
         default_factory=dict,
         help="Round -> pressure turn that replaces the user's turn: drop_rule, topic_change or long_paste.",
     )
+    probe_rounds: list[int] = option(
+        default_factory=list,
+        help="Rounds after which the history is forked and a fixed probe question asked; the answer is scored "
+        "against the standing rules and never enters the dialogue (as in Li et al. 2024).",
+    )
 
     def __post_init__(self) -> None:
         if self.dialogues < 1 or self.rounds < 1:
@@ -46,9 +51,9 @@ class ScenarioConfig:
             raise ValueError("unseen_fraction and user_rule_fraction must be in [0, 1]")
         if not 1 <= self.min_constraints <= self.max_constraints:
             raise ValueError("need 1 <= min_constraints <= max_constraints")
-        bad_rounds = [r for r in self.pressure if not 1 <= r <= self.rounds]
+        bad_rounds = [r for r in [*self.pressure, *self.probe_rounds] if not 1 <= r <= self.rounds]
         if bad_rounds:
-            raise ValueError(f"pressure rounds {bad_rounds} are outside 1..{self.rounds}")
+            raise ValueError(f"pressure or probe rounds {bad_rounds} are outside 1..{self.rounds}")
 
 
 @dataclass

@@ -130,3 +130,26 @@ def test_simulated_user_and_pressure_turns_drive_the_dialogue(tiny_model_dir):
         assert users[1] != scenario.user_turns[1]  # then speaks for itself
         assert users[2] == PRESSURE_TURNS["drop_rule"]
         assert record["user_source"] == "simulated+pressure"
+
+
+def test_probes_fork_the_history_and_leave_the_dialogue_unchanged(tiny_model_dir):
+    from dialogrl.evaluation.evaluate import PROBE, evaluate_model
+    from dialogrl.evaluation.metrics import curve
+    from dialogrl.evaluation.sampling import SamplingConfig
+    from dialogrl.training.models import ModelConfig, load_causal_lm, load_tokenizer
+
+    options = ModelConfig(name_or_path=str(tiny_model_dir))
+    model, tokenizer = load_causal_lm(options).eval(), load_tokenizer(options)
+    sampling = SamplingConfig(max_new_tokens=5)
+    plain = EvalConfig(scenarios=ScenarioConfig(dialogues=3, rounds=3), sampling=sampling)
+    probed = EvalConfig(scenarios=ScenarioConfig(dialogues=3, rounds=3, probe_rounds=[1, 3]), sampling=sampling)
+    scenarios = build_scenarios(plain.scenarios)
+    without, _ = evaluate_model(model, tokenizer, scenarios, plain, log=lambda _m: None)
+    with_probes, _ = evaluate_model(model, tokenizer, scenarios, probed, log=lambda _m: None)
+    for a, b in zip(without, with_probes, strict=True):
+        assert a["messages"] == b["messages"] and a["turns"] == b["turns"]
+        assert PROBE not in json.dumps(b["messages"])
+        assert [p["round"] for p in b["probes"]] == [1, 3]
+    c = curve([{"dialogue_id": r["dialogue_id"], "user_source": "probe", "turns": r["probes"]}
+               for r in with_probes], "strict", n_boot=50)
+    assert c["n"][1] == 0 and c["n"][0] > 0  # round 2 was not probed

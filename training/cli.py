@@ -123,9 +123,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         report = eval_stage.main(recipe, log=lambda msg: print(msg, file=sys.stderr))
     except ValueError as err:
         raise UserError(str(err)) from None
+    def fmt(value):
+        return "n/a" if value is None else f"{value:.3f}"
+
     for label, m in report["models"].items():
-        print(f"{label}: strict AUC {m['auc_strict']:.3f}, retention {m['retention']}, "
-              f"seen {m['seen']['strict']}, unseen {m['unseen']['strict']}, gate pass {m['gate_pass_rate']:.3f}")
+        print(f"{label}: strict AUC {fmt(m['auc_strict'])}, retention {fmt(m['retention'])}, "
+              f"seen {fmt(m['seen']['strict'])}, unseen {fmt(m['unseen']['strict'])}, "
+              f"gate pass {fmt(m['gate_pass_rate'])}")
     print(f"report: {recipe.output_dir}/report.md")
     return 0
 
