@@ -137,14 +137,33 @@ def markdown(report: dict, speeds: dict[str, dict[str, float]] | None = None) ->
     return "\n".join(lines)
 
 
-def plot_adherence(report: dict, path: Path) -> None:
+def _axes():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(7, 4.2))
+
+
+def _finish(fig, ax, path: Path, ylabel: str, title: str) -> None:
+    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_adherence(report: dict, path: Path) -> None:
+    fig, ax = _axes()
     for label, m in report["models"].items():
         c = m["curve"]["strict"]
         points = [(r, mu, lo, hi) for r, mu, lo, hi in zip(c["rounds"], c["mean"], c["low"], c["high"], strict=True)
@@ -154,39 +173,16 @@ def plot_adherence(report: dict, path: Path) -> None:
         rounds, mean, low, high = map(list, zip(*points, strict=True))
         line, = ax.plot(rounds, mean, marker="o", label=f"{label} (AUC {m['auc_strict']:.2f})")
         ax.fill_between(rounds, low, high, color=line.get_color(), alpha=0.15)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("round")
-    ax.set_ylabel("strict adherence (gate passed, all standing rules kept)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title("System-prompt adherence by round (95% bootstrap band)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, "strict adherence (gate passed, all standing rules kept)",
+            "System-prompt adherence by round (95% bootstrap band)")
 
 
 def plot_survival(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = _axes()
     for label, m in report["models"].items():
         survival = m["survival"]
         ax.step(range(1, len(survival) + 1), survival, where="post", marker="o", label=label)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("round")
-    ax.set_ylabel("share of dialogues with no violation yet")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title("First-violation survival (strict)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, "share of dialogues with no violation yet", "First-violation survival (strict)")
 
 
 def write_outputs(report: dict, results: dict[str, dict[str, Any]], output_dir: str | Path,

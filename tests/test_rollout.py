@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from dialogrl.data.chat_tokens import TokenizedConversation
 from dialogrl.evaluation.rollout import DialogueSpec, RolloutEngine
 from dialogrl.evaluation.sampling import SamplingConfig
 from dialogrl.evaluation.users import PressureUser, ReplayedUser
@@ -56,13 +57,8 @@ def test_token_outputs_line_up_with_the_messages(model_and_tokenizer):
         for message in trajectory.messages:
             if message["role"] != "assistant":
                 assert message["content"] in decoded
-        spans, start = [], None
-        for i, bit in enumerate(trajectory.assistant_mask + [0]):
-            if bit and start is None:
-                start = i
-            elif not bit and start is not None:
-                spans.append((start, i))
-                start = None
+        spans = TokenizedConversation(trajectory.token_ids, trajectory.assistant_mask,
+                                      trajectory.turn_index).assistant_spans()
         replies = [m["content"] for m in trajectory.messages if m["role"] == "assistant"]
         assert len(spans) == len(replies) == trajectory.rounds
         for (a, b), reply, count in zip(spans, replies, trajectory.generated_tokens, strict=True):
