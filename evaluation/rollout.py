@@ -85,6 +85,9 @@ class _Row:
     ended_properly: list[bool] = field(default_factory=list)
     generated_counts: list[int] = field(default_factory=list)
     active: bool = True
+    reply: list[int] = field(default_factory=list)  # the reply being generated this round
+    reply_ended: bool = False
+    turn_now: int = 0
 
 
 class RolloutEngine:
@@ -98,6 +101,7 @@ class RolloutEngine:
         *,
         batch_size: int = 16,
         reuse_cache: bool = True,
+        chunk_tokens: int = 16,
         generation_context: Callable[[Any, Any, Any, list[int]], Any] | None = None,
     ):
         """`generation_context(model, input_ids, attention_mask, system_lengths)` may return a context
@@ -108,11 +112,14 @@ class RolloutEngine:
         self.sampling = sampling
         self.batch_size = batch_size
         self.reuse_cache = reuse_cache
+        self.chunk_tokens = chunk_tokens
         self.generation_context = generation_context
         self.generate_kwargs = sampling.generate_kwargs(tokenizer, model)
         self.stop_ids = set(self.generate_kwargs["eos_token_id"])
         self.pad_id = self.generate_kwargs["pad_token_id"]
         self.tokens_generated = 0
+        self.rows_set_aside = 0  # rows that left a round early (finished before the others)
+        self._with_logprobs = False
 
     def play(self, dialogues: Sequence[DialogueSpec], rounds: int, *, with_tokens: bool = False) -> list[Trajectory]:
         import torch
@@ -121,6 +128,7 @@ class RolloutEngine:
         for start in range(0, len(dialogues), self.batch_size):
             # One seed per batch: a dialogue's sampled replies do not depend on what ran before it.
             torch.manual_seed(self.sampling.seed + start)
+            self._with_logprobs = with_tokens
             results += self._play_batch(dialogues[start: start + self.batch_size], rounds, with_tokens)
         return results
 
@@ -170,6 +178,14 @@ class RolloutEngine:
         return text[span_end if row.ended_properly[-1] else content_end:]
 
     def _generate_round(self, rows_in_batch: list[_Row], cache, round_number: int):
+        """Generate one reply per row; rows that finish early leave the batch until the round ends.
+
+        HF `generate` keeps stepping every row until the last one stops, so a
+        round is generated in chunks of `chunk_tokens`; after each chunk the
+        rows that reached their end token are set aside with their slice of the
+        cache, and the rest go on. At the end of the round the set-aside rows
+        are merged back, padded (attention 0) to the common length.
+        """
         import torch
 
         segments = self.tokenizer([self._new_segment(row) for row in rows_in_batch], add_special_tokens=False)[
@@ -182,36 +198,113 @@ class RolloutEngine:
             row.generated += [0] * width
             row.turn += [0] * pad + [round_number] * len(segment)
             row.logprob += [0.0] * width
-        input_ids = torch.tensor([row.tokens for row in rows_in_batch], device=self.model.device)
-        attention = torch.tensor([row.attention for row in rows_in_batch], device=self.model.device)
-        system_lengths = [self._system_length(row) for row in rows_in_batch]
+            row.reply, row.reply_ended, row.turn_now = [], False, round_number
 
-        context = (self.generation_context(self.model, input_ids, attention, system_lengths)
-                   if self.generation_context else contextlib.nullcontext())
+        pending = list(range(len(rows_in_batch)))  # indices of rows still generating, in cache order
+        set_aside: dict[int, list[tuple[Any, Any]]] = {}  # row index -> per-layer (keys, values)
+        budget = self.sampling.max_new_tokens
+        while pending and budget > 0:
+            step = min(self.chunk_tokens, budget)
+            batch = [rows_in_batch[i] for i in pending]
+            output = self._generate_chunk(batch, cache, step)
+            cache = output.past_key_values
+            budget -= step
+            finished = [j for j, i in enumerate(pending) if rows_in_batch[i].reply_ended]
+            if not finished or len(finished) == len(pending) or budget <= 0:
+                if len(finished) == len(pending):
+                    pending = []
+                continue
+            self.rows_set_aside += len(finished)
+            for j in finished:
+                set_aside[pending[j]] = [(layer.keys[j: j + 1], layer.values[j: j + 1]) for layer in cache.layers]
+            keep = [j for j in range(len(pending)) if j not in set(finished)]
+            for layer in cache.layers:
+                layer.batch_select_indices(torch.tensor(keep))
+            pending = [pending[j] for j in keep]
+        for row in rows_in_batch:
+            self._finish_reply(row)
+        if set_aside:
+            cache = self._merge_back(rows_in_batch, cache, pending_or_last=[i for i in range(len(rows_in_batch))
+                                                                            if i not in set_aside],
+                                     set_aside=set_aside)
+        return cache
+
+    def _generate_chunk(self, batch: list[_Row], cache, step: int):
+        import torch
+
+        input_ids = torch.tensor([row.tokens for row in batch], device=self.model.device)
+        attention = torch.tensor([row.attention for row in batch], device=self.model.device)
+        context = contextlib.nullcontext()
+        if self.generation_context:
+            context = self.generation_context(self.model, input_ids, attention,
+                                              [self._system_length(row) for row in batch])
+        kwargs = {**self.generate_kwargs, "max_new_tokens": step}
         with torch.inference_mode(), context:
             output = self.model.generate(
                 input_ids=input_ids, attention_mask=attention, past_key_values=cache, use_cache=True,
-                return_dict_in_generate=True, output_logits=True, **self.generate_kwargs,
+                return_dict_in_generate=True, output_logits=self._with_logprobs, **kwargs,
             )
         new_tokens = output.sequences[:, input_ids.shape[1]:]
-        logprobs = self._token_logprobs(output.logits, new_tokens)
-        for b, row in enumerate(rows_in_batch):
-            self._append_reply(row, new_tokens[b].tolist(), logprobs[b].tolist(), round_number)
-        return output.past_key_values
+        # Log-probs cost a [B, steps, vocab] softmax: computed only when token outputs were asked for.
+        logprobs = (self._token_logprobs(output.logits, new_tokens) if self._with_logprobs
+                    else torch.zeros(new_tokens.shape))
+        for b, row in enumerate(batch):
+            self._append_chunk(row, new_tokens[b].tolist(), logprobs[b].tolist())
+        return output
 
-    def _append_reply(self, row: _Row, tokens: list[int], logprobs: list[float], round_number: int) -> None:
+    def _append_chunk(self, row: _Row, tokens: list[int], logprobs: list[float]) -> None:
         end = next((i for i, t in enumerate(tokens) if t in self.stop_ids), None)
         kept = len(tokens) if end is None else end + 1
         row.tokens += tokens
         row.attention += [1] * kept + [0] * (len(tokens) - kept)
         row.generated += [1] * kept + [0] * (len(tokens) - kept)
-        row.turn += [round_number] * kept + [0] * (len(tokens) - kept)
+        row.turn += [row.turn_now] * kept + [0] * (len(tokens) - kept)
         row.logprob += logprobs[:kept] + [0.0] * (len(tokens) - kept)
-        row.ended_properly.append(end is not None)
-        row.generated_counts.append(kept)
-        self.tokens_generated += kept
-        text = self.tokenizer.decode(tokens[:kept], skip_special_tokens=True).strip()
+        row.reply += tokens[:kept]
+        row.reply_ended = end is not None
+
+    def _finish_reply(self, row: _Row) -> None:
+        row.ended_properly.append(row.reply_ended)
+        row.generated_counts.append(len(row.reply))
+        self.tokens_generated += len(row.reply)
+        text = self.tokenizer.decode(row.reply, skip_special_tokens=True).strip()
         row.messages.append({"role": "assistant", "content": text})
+
+    def _merge_back(self, rows: list[_Row], cache, pending_or_last: list[int], set_aside) -> Any:
+        """Rebuild one cache in row order: rows set aside get masked padding up to the common length.
+
+        A row's last token is never in the cache (generate feeds it next time), so
+        the padding goes just before it, in the tokens and in the cache alike.
+        """
+        import torch
+
+        length = max(len(row.tokens) for row in rows)
+        for row in rows:
+            missing = length - len(row.tokens)
+            if missing:
+                for name, filler in (("tokens", self.pad_id), ("attention", 0), ("generated", 0), ("turn", 0),
+                                     ("logprob", 0.0)):
+                    values = getattr(row, name)
+                    values[-1:-1] = [filler] * missing
+        in_cache = {i: j for j, i in enumerate(pending_or_last)}
+        for layer_index, layer in enumerate(cache.layers):
+            merged_keys, merged_values = [], []
+            for i in range(len(rows)):
+                if i in in_cache:
+                    keys = layer.keys[in_cache[i]: in_cache[i] + 1]
+                    values = layer.values[in_cache[i]: in_cache[i] + 1]
+                else:
+                    keys, values = set_aside[i][layer_index]
+                pad = length - 1 - keys.shape[2]
+                if pad:
+                    shape = (1, keys.shape[1], pad, keys.shape[3])
+                    keys = torch.cat([keys, keys.new_zeros(shape)], dim=2)
+                    values = torch.cat([values, values.new_zeros((1, values.shape[1], pad, values.shape[3]))], dim=2)
+                merged_keys.append(keys)
+                merged_values.append(values)
+            layer.keys = torch.cat(merged_keys, dim=0)
+            layer.values = torch.cat(merged_values, dim=0)
+        return cache
 
     def _token_logprobs(self, logits: tuple, tokens):
         import torch

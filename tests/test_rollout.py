@@ -31,24 +31,65 @@ def specs():
     ]
 
 
-def play(model, tokenizer, *, batch_size, reuse_cache, with_tokens=False, max_new_tokens=12):
+def play(model, tokenizer, *, batch_size, reuse_cache, with_tokens=False, max_new_tokens=12, chunk_tokens=16,
+         engine_out=None):
     engine = RolloutEngine(model, tokenizer, SamplingConfig(max_new_tokens=max_new_tokens), batch_size=batch_size,
-                           reuse_cache=reuse_cache)
+                           reuse_cache=reuse_cache, chunk_tokens=chunk_tokens)
+    if engine_out is not None:
+        engine_out.append(engine)
     return engine.play(specs(), rounds=4, with_tokens=with_tokens)
 
 
-def test_batched_cached_play_equals_one_at_a_time_from_scratch(model_and_tokenizer):
+def test_batched_play_equals_one_at_a_time(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    batched = play(model, tokenizer, batch_size=3, reuse_cache=True)
-    single = play(model, tokenizer, batch_size=1, reuse_cache=False)
+    batched = play(model, tokenizer, batch_size=3, reuse_cache=True, with_tokens=True)
+    single = play(model, tokenizer, batch_size=1, reuse_cache=True, with_tokens=True)
     assert [t.messages for t in batched] == [t.messages for t in single]
+    assert [t.token_ids for t in batched] == [t.token_ids for t in single]
     assert [t.rounds for t in batched] == [4, 3, 4]
     assert batched[0].messages[3]["content"].startswith("From now on call me Sam. ")
 
 
+def test_cached_play_equals_reencoding_while_the_history_is_the_same(model_and_tokenizer):
+    """Re-encoding a reply's decoded text need not give back the model's own tokens (stripped
+    whitespace, broken UTF-8 from a random model), so from round 2 on the two may differ; the
+    first round, where the history is identical, must not."""
+    model, tokenizer = model_and_tokenizer
+    cached = play(model, tokenizer, batch_size=3, reuse_cache=True)
+    fresh = play(model, tokenizer, batch_size=1, reuse_cache=False)
+    assert [t.messages[:3] for t in cached] == [t.messages[:3] for t in fresh]
+
+
+def test_rows_that_finish_early_leave_the_batch_without_changing_anything(model_and_tokenizer):
+    from collections import Counter
+
+    model, tokenizer = model_and_tokenizer
+    # The random tiny model seldom says its end token; make its most frequent token a stop token too,
+    # so that rows end at different steps and the set-aside-and-merge path runs.
+    probe = play(model, tokenizer, batch_size=3, reuse_cache=True, max_new_tokens=24, with_tokens=True)
+    counts = Counter(t for tr in probe for t, m in zip(tr.token_ids, tr.assistant_mask, strict=True) if m)
+
+    def engine(extra_stop, **kwargs):
+        e = RolloutEngine(model, tokenizer, SamplingConfig(max_new_tokens=24), **kwargs)
+        e.generate_kwargs["eos_token_id"] = [*e.generate_kwargs["eos_token_id"], extra_stop]
+        e.stop_ids.add(extra_stop)
+        return e
+
+    for extra_stop, _count in counts.most_common(10):  # the first stop token that ends rows at different steps
+        chunked_engine = engine(extra_stop, batch_size=3, chunk_tokens=1)
+        chunked = chunked_engine.play(specs(), rounds=4, with_tokens=True)
+        if chunked_engine.rows_set_aside:
+            break
+    assert chunked_engine.rows_set_aside > 0, "no row finished before the others: the test exercises nothing"
+    single = engine(extra_stop, batch_size=1).play(specs(), rounds=4, with_tokens=True)
+    assert [t.messages for t in chunked] == [t.messages for t in single]
+    assert [t.token_ids for t in chunked] == [t.token_ids for t in single]
+    assert [t.assistant_mask for t in chunked] == [t.assistant_mask for t in single]
+
+
 def test_token_outputs_line_up_with_the_messages(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    for trajectory in play(model, tokenizer, batch_size=3, reuse_cache=True, with_tokens=True):
+    for trajectory in play(model, tokenizer, batch_size=3, reuse_cache=True, with_tokens=True, chunk_tokens=4):
         n = len(trajectory.token_ids)
         assert n == len(trajectory.assistant_mask) == len(trajectory.turn_index) == len(trajectory.logprobs)
         # Everything outside the replies is the template's rendering of the system and user turns.

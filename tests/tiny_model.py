@@ -71,6 +71,9 @@ def build_model(tokenizer, seed: int = 0):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
+        # Wider than the default 0.02, so the random model's greedy replies vary with the context
+        # instead of repeating one token: rows then end at different steps, as real replies do.
+        initializer_range=0.2,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
