@@ -134,25 +134,33 @@ def _save(rows: list[dict[str, Any]], output_dir: Path, name: str, columns: Sequ
     dataset.save_to_disk(str(output_dir / name))
 
 
-def _length_filter(rows, fields, tokenizer, max_length, name, rejects, stats) -> list[dict[str, Any]]:
+def _sequences(row: dict[str, Any]) -> list[list[dict[str, str]]]:
+    """The conversations a row is trained on: itself, or both sides of a pair."""
+    if "messages" in row:
+        return [row["messages"]]
+    return [row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]]
+
+
+def _drop_overlong(rows, tokenizer, max_length, name, rejects, stats: builders.BuildStats) -> list[dict[str, Any]]:
+    """Rows the template cannot render or that exceed max_length go to the rejects, and out of the counts."""
     if tokenizer is None or max_length is None or not rows:
         return rows
     from dialogrl.data.tokenized import tokenize_conversations
 
-    conversations = [row[fields[0]] if len(fields) == 1 else row[fields[0]] + row[fields[1]] for row in rows]
-    if len(fields) == 2:  # a pair is too long if either side is
-        conversations += [row["prompt"] + row["rejected"] for row in rows]
-    errors = tokenize_conversations(tokenizer, conversations, max_length=max_length)["error"]
-    if len(fields) == 2:
-        errors = [a or b for a, b in zip(errors[: len(rows)], errors[len(rows):], strict=True)]
+    errors = iter(tokenize_conversations(
+        tokenizer, [seq for row in rows for seq in _sequences(row)], max_length=max_length)["error"])
     kept = []
-    for row, error in zip(rows, errors, strict=True):
-        if error:
-            stats.built -= 1
-            stats.skipped["too long or unrenderable after tokenisation"] += 1
-            rejects.append({"set": name, "reason": error, "meta": row["meta"]})
-        else:
+    for row in rows:
+        row_errors = [error for error in (next(errors) for _ in _sequences(row)) if error]
+        if not row_errors:
             kept.append(row)
+            continue
+        meta = row["meta"]
+        stats.built -= 1
+        stats.rounds[meta.get("turn_index", meta.get("rounds"))] -= 1
+        stats.constraint_types.subtract(meta.get("active_constraints") or [c["type_name"] for c in meta["constraints"]])
+        stats.skipped["too long or unrenderable after tokenisation"] += 1
+        rejects.append({"set": name, "reason": "; ".join(row_errors), "meta": meta})
     return kept
 
 
@@ -176,12 +184,11 @@ def build_all(config: DataBuildConfig, *, tokenizer=None, reply_fn: ReplyFn | No
             raise ValueError("sft.reply_source is 'policy' but no model was given to generate replies")
         replies = policy_replies(sft_windows, reply_fn, log=log)
     sft_rows, sft_stats = builders.build_sft(sft_windows, config.sft, rejects=rejects, replies=replies)
-    sft_rows = _length_filter(sft_rows, ("messages",), tokenizer, config.max_length, "sft", rejects, sft_stats)
+    sft_rows = _drop_overlong(sft_rows, tokenizer, config.max_length, "sft", rejects, sft_stats)
     log(f"sft: {len(sft_rows)} conversations")
 
     pref_rows, pref_stats = builders.build_preferences(windows, config.preferences, rng, rejects=rejects)
-    pref_rows = _length_filter(pref_rows, ("prompt", "chosen"), tokenizer, config.max_length, "preferences",
-                               rejects, pref_stats)
+    pref_rows = _drop_overlong(pref_rows, tokenizer, config.max_length, "preferences", rejects, pref_stats)
     log(f"preferences: {len(pref_rows)} pairs")
 
     edit_rows, edit_reports = [], []

@@ -154,3 +154,19 @@ def test_policy_replies_through_the_data_recipe_are_compliant_and_cached(tmp_pat
             assert all(c.check(row["messages"][2 * r]["content"]).strict for c in active)
     rerun = data_stage.main(recipe, log=lambda _m: None)
     assert rerun["policy_reply_cache"] == {"hits": generated, "generated": 0}
+
+
+def test_manifest_counts_match_the_rows_written(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    config = DataBuildConfig(output_dir=str(tmp_path / "out"), max_length=700,
+                             sft=builders.SFTSetConfig(conversations=30),
+                             preferences=builders.PreferenceSetConfig(pairs=120))
+    manifest = build_all(config, tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir), log=lambda _m: None)
+    prefs = [json.loads(line) for line in (tmp_path / "out" / "preferences.jsonl").read_text().splitlines()]
+    by_round = Counter(str(p["meta"]["turn_index"]) for p in prefs)
+    assert {k: v for k, v in manifest["preferences"]["rounds"].items() if v} == dict(by_round)
+    assert manifest["preferences"]["built"] == len(prefs)
+    sft = [json.loads(line) for line in (tmp_path / "out" / "sft.jsonl").read_text().splitlines()]
+    types = Counter(c["type_name"] for row in sft for c in row["meta"]["constraints"])
+    assert {k: v for k, v in manifest["sft"]["constraint_types"].items() if v} == dict(types)
