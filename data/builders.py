@@ -12,7 +12,7 @@
 
 Only train-split conversations, train phrasings and seen constraint types go
 in; the builder asserts it. Replies come from the corpus's human turns, or from
-a policy model through a `ReplySource` (batched, cached on disk by the caller).
+a policy model (generated and cached by `build.py`).
 Every skipped dialogue or pair is counted by reason in the manifest.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,9 +30,6 @@ from dialogrl.data.corpora import CorpusDialogue
 from dialogrl.data.options import option
 
 BASE_SYSTEM_PROMPT = "You are a helpful assistant chatting with a user."
-
-# (messages so far, ending with a user turn) -> a reply; None means "use the corpus reply".
-ReplySource = Callable[[list[list[dict[str, str]]]], list[str]]
 
 
 @dataclass

@@ -16,7 +16,7 @@ Interventions run in the same harness:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from dialogrl.data.options import option
 from dialogrl.evaluation.gate import GateConfig, check_gate
@@ -25,7 +25,6 @@ from dialogrl.evaluation.sampling import SamplingConfig
 from dialogrl.evaluation.scenarios import Scenario, ScenarioConfig
 from dialogrl.evaluation.users import PressureUser, ReplayedUser, SimulatedUser
 
-Intervention = Literal["none", "repeat_rules", "split_softmax"]
 INTERVENTIONS = ("none", "repeat_rules", "split_softmax")
 REMINDER = "(Reminder of your instructions: {rules})"
 # Neutral on purpose: it asks for nothing a rule could forbid, so any violation is drift.
@@ -71,18 +70,24 @@ def dialogue_specs(scenarios: list[Scenario], intervention: str, simulated_user=
     return specs
 
 
+def standing_checks(scenario: Scenario, round_number: int, reply: str) -> list[dict[str, Any]]:
+    """The reply checked against every rule standing at that round, as the metrics read it."""
+    checks = []
+    for constraint in scenario.standing(round_number):
+        verdict = constraint.check(reply)
+        checks.append({"type_name": constraint.type_name, "family": constraint.type.family,
+                       "held_out": scenario.unseen, "strict": verdict.strict, "loose": verdict.loose,
+                       "score": verdict.score})
+    return checks
+
+
 def score_dialogue(scenario: Scenario, trajectory: Trajectory, gate: GateConfig, user_source: str) -> dict[str, Any]:
     """One dialogue's verdicts: per round, the gate and every standing rule (strict and loose)."""
     replies = [m["content"] for m in trajectory.messages if m["role"] == "assistant"]
     turns = []
     for r, reply in enumerate(replies, start=1):
         gate_result = check_gate(reply, gate)
-        checks = []
-        for constraint in scenario.standing(r):
-            verdict = constraint.check(reply)
-            checks.append({"type_name": constraint.type_name, "family": constraint.type.family,
-                           "held_out": scenario.unseen, "strict": verdict.strict, "loose": verdict.loose,
-                           "score": verdict.score})
+        checks = standing_checks(scenario, r, reply)
         turns.append({"round": r, "gate_pass": gate_result.passed, "gate_reason": gate_result.reason,
                       "ended_properly": trajectory.ended_properly[r - 1], "checks": checks})
     source = user_source + ("+pressure" if scenario.pressure else "")
@@ -153,13 +158,6 @@ def _add_probes(model, tokenizer, scenarios, records, config: EvalConfig, contex
     for (index, r), answer in zip(owners, answers, strict=True):
         reply = answer.messages[-1]["content"]
         gate_result = check_gate(reply, config.gate)
-        checks = [{"type_name": c.type_name, "family": c.type.family, "held_out": scenarios[index].unseen,
-                   **dict(zip(("strict", "loose"), _verdict(c, reply), strict=True))}
-                  for c in scenarios[index].standing(r)]
+        checks = standing_checks(scenarios[index], r, reply)
         records[index].setdefault("probes", []).append(
             {"round": r, "gate_pass": gate_result.passed, "checks": checks, "answer": reply})
-
-
-def _verdict(constraint, reply: str) -> tuple[bool, bool]:
-    verdict = constraint.check(reply)
-    return verdict.strict, verdict.loose

@@ -210,9 +210,9 @@ class RolloutEngine:
             cache = output.past_key_values
             budget -= step
             finished = [j for j, i in enumerate(pending) if rows_in_batch[i].reply_ended]
-            if not finished or len(finished) == len(pending) or budget <= 0:
-                if len(finished) == len(pending):
-                    pending = []
+            if len(finished) == len(pending):
+                break
+            if not finished or budget <= 0:
                 continue
             self.rows_set_aside += len(finished)
             for j in finished:
@@ -224,9 +224,8 @@ class RolloutEngine:
         for row in rows_in_batch:
             self._finish_reply(row)
         if set_aside:
-            cache = self._merge_back(rows_in_batch, cache, pending_or_last=[i for i in range(len(rows_in_batch))
-                                                                            if i not in set_aside],
-                                     set_aside=set_aside)
+            still_cached = [i for i in range(len(rows_in_batch)) if i not in set_aside]
+            cache = self._merge_back(rows_in_batch, cache, still_cached, set_aside)
         return cache
 
     def _generate_chunk(self, batch: list[_Row], cache, step: int):
@@ -270,7 +269,7 @@ class RolloutEngine:
         text = self.tokenizer.decode(row.reply, skip_special_tokens=True).strip()
         row.messages.append({"role": "assistant", "content": text})
 
-    def _merge_back(self, rows: list[_Row], cache, pending_or_last: list[int], set_aside) -> Any:
+    def _merge_back(self, rows: list[_Row], cache, still_cached: list[int], set_aside) -> Any:
         """Rebuild one cache in row order: rows set aside get masked padding up to the common length.
 
         A row's last token is never in the cache (generate feeds it next time), so
@@ -286,7 +285,7 @@ class RolloutEngine:
                                      ("logprob", 0.0)):
                     values = getattr(row, name)
                     values[-1:-1] = [filler] * missing
-        in_cache = {i: j for j, i in enumerate(pending_or_last)}
+        in_cache = {i: j for j, i in enumerate(still_cached)}
         for layer_index, layer in enumerate(cache.layers):
             merged_keys, merged_values = [], []
             for i in range(len(rows)):

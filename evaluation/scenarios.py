@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from dialogrl.data import constraints as catalogue
+from dialogrl.data.builders import BASE_SYSTEM_PROMPT
 from dialogrl.data.constraints import Constraint
 from dialogrl.data.corpora import load_chitchat
 from dialogrl.data.options import option
-
-BASE_SYSTEM_PROMPT = "You are a helpful assistant chatting with a user."
 
 
 @dataclass
