@@ -134,6 +134,35 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_stage(stage: str, args: argparse.Namespace) -> int:
+    import importlib
+
+    from dialogrl.data.sources import DataError
+    from dialogrl.training.config import STAGE_MODULES
+    from dialogrl.training.trainer_setup import StageError
+
+    module = importlib.import_module(STAGE_MODULES[stage])
+    recipe = load_recipe(args.config, args.overrides, expected=recipe_kinds()[stage])
+    try:
+        summary = module.main(recipe, log=lambda msg: print(msg, file=sys.stderr))
+    except (DataError, StageError) as err:
+        raise UserError(str(err)) from None
+    metrics = summary["metrics"]
+    shown = {k: v for k, v in metrics.items() if k in ("train_loss", "loss", "eval_loss", "eval_accuracy",
+                                                        "rewards/margins", "eval_rewards/margins", "accuracy")}
+    print(f"{stage}: {summary['global_step']} steps in {summary['seconds']} s; "
+          + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+    print(f"model: {summary.get('merged_dir', recipe.output_dir)} (card: {recipe.output_dir}/README.md)")
+    return 0
+
+
+def _cmd_reward_score(args: argparse.Namespace) -> int:
+    from dialogrl.training.reward_cli import score_file
+
+    return score_file(args.model, args.source, split=args.split, turns=args.turns, output=args.output,
+                      batch_size=args.batch_size)
+
+
 def _cmd_recipe_show(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     print(dump_recipe(recipe), end="")
@@ -147,6 +176,24 @@ def _cmd_recipe_keys(args: argparse.Namespace) -> int:
     for key, type_name, default, help_text in describe_recipe(kinds[args.stage]):
         print(f"{key}: {type_name} = {default!r}\n    {help_text}")
     return 0
+
+
+def reward_score_parser() -> argparse.ArgumentParser:
+    # `reward score` is parsed on its own: under `reward`, a subcommand and free `key=value` overrides collide.
+    score = argparse.ArgumentParser(
+        prog="dialogrl reward score",
+        description="Score conversations with a reward model: one JSON line per row, with the score after every "
+        "assistant turn (or the last one).",
+    )
+    score.add_argument("source", help="conversations: .jsonl/.json/.parquet, dataset directory, hub id or corpus:chitchat")
+    score.add_argument("--model", required=True, help="reward model directory (AutoModelForSequenceClassification)")
+    score.add_argument("--split", default="train", help="split of a dataset (default: train)")
+    score.add_argument("--turns", choices=("all", "last"), default="all",
+                       help="score after every assistant turn (default) or only after the last")
+    score.add_argument("--output", help="write the scores to this JSONL file instead of stdout")
+    score.add_argument("--batch-size", type=int, default=8, help="conversations per forward pass (default: 8)")
+    score.set_defaults(handler=_cmd_reward_score)
+    return score
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,6 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", help="dotted.key=value")
     evaluate.set_defaults(handler=_cmd_eval)
 
+    for stage, text in (("sft", "supervised fine-tuning, loss on every assistant turn"),
+                        ("reward", "train a reward model on per-turn preference pairs; `reward score` scores conversations"),
+                        ("dpo", "direct preference optimisation on per-turn pairs")):
+        stage_parser = commands.add_parser(stage, help=text, description=text + ". Launch under "
+                                           "`accelerate launch --config_file recipes/accelerate/...` for several processes.")
+        stage_parser.add_argument("--config", required=True,
+                                  help=f"{stage} recipe (YAML), e.g. recipes/smollm2-135m/{stage}.yaml")
+        stage_parser.add_argument("overrides", nargs="*", help="dotted.key=value")
+        stage_parser.set_defaults(handler=lambda args, stage=stage: _run_stage(stage, args))
+
     recipe = commands.add_parser("recipe", help="validate recipes and list their keys")
     recipe_commands = recipe.add_subparsers(dest="recipe_command", metavar="ACTION", required=True)
     show = recipe_commands.add_parser("show", help="validate a recipe and print it resolved, with overrides")
@@ -223,7 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from dialogrl.training.models import ModelResolutionError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["reward", "score"]:
+        args = reward_score_parser().parse_args(argv[2:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     except RecipeError as err:

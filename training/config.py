@@ -49,6 +49,9 @@ STAGE_MODULES = {
     "chat": "dialogrl.training.chat",
     "data": "dialogrl.training.data_stage",
     "eval": "dialogrl.training.eval_stage",
+    "sft": "dialogrl.training.sft",
+    "reward": "dialogrl.training.reward",
+    "dpo": "dialogrl.training.dpo",
 }
 
 

@@ -1,0 +1,52 @@
+"""`dialogrl reward score --model RM SOURCE`: reward-model scores for every assistant turn of every row."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def score_file(model_dir: str, source: str, *, split: str = "train", turns: str = "all", output: str | None = None,
+               batch_size: int = 8) -> int:
+    from transformers import AutoModelForSequenceClassification
+
+    from dialogrl.data.chat_tokens import ChatTokenizer
+    from dialogrl.data.records import Conversation
+    from dialogrl.data.sources import DataError, load_records
+    from dialogrl.training.cli import UserError
+    from dialogrl.training.models import ModelConfig, load_tokenizer, resolve_model
+    from dialogrl.training.reward_scoring import score_conversations
+
+    resolved = resolve_model(model_dir)
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=model_dir), resolved)
+    chat = ChatTokenizer(tokenizer)
+    try:
+        records, report = load_records(source, split=split, on_invalid="skip", forbidden_substrings=chat.special_tokens)
+    except DataError as err:
+        raise UserError(str(err)) from None
+    conversations = []
+    for record in records:
+        if not isinstance(record, Conversation) or not record.num_assistant_turns:
+            kind = "a preference pair" if not isinstance(record, Conversation) else "a conversation with no reply"
+            report.problems.append(f"row {record.meta.get('source_row')}: {kind}; nothing to score")  # type: ignore[arg-type]
+            continue
+        conversations.append(record)
+    model = AutoModelForSequenceClassification.from_pretrained(resolved.location).eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scores = score_conversations(model, chat, [r.messages for r in conversations], pad_id=pad_id,
+                                 batch_size=batch_size)
+    lines = []
+    for record, row_scores in zip(conversations, scores, strict=True):
+        value = {"scores": row_scores} if turns == "all" else {"score": row_scores[-1]}
+        lines.append(json.dumps({"row": record.meta.get("source_row"), **value}) + "\n")
+    if output:
+        Path(output).write_text("".join(lines), encoding="utf-8")
+    else:
+        sys.stdout.write("".join(lines))
+    skipped = report.rejected_rows + len(records) - len(conversations)
+    print(f"scored {len(conversations)} of {report.rows} rows" + (f"; {skipped} skipped:" if skipped else ""),
+          file=sys.stderr)
+    for problem in report.problems[:20]:
+        print(f"  {problem}", file=sys.stderr)
+    return 1 if skipped else 0
