@@ -198,6 +198,10 @@ def _common_prefix_length(a: list[Any], b: list[Any]) -> int:
     return n
 
 
+def _starts_with(messages: list[Any], prefix: list[Any]) -> bool:
+    return len(messages) > len(prefix) and _common_prefix_length(messages, prefix) == len(prefix)
+
+
 def normalise_row(
     row: Any,
     *,
@@ -251,6 +255,9 @@ def normalise_row(
         problems += message_problems(prompt, names[0], **limits)
     if problems:
         raise RowError(problems)
+    if prompt is not None and all(_starts_with(reply, prompt) for reply in (chosen, rejected)):
+        # Hub sets such as ultrafeedback_binarized give the prompt and repeat it inside chosen/rejected.
+        chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
     if prompt is None:
         # Implicit prompt: the longest shared beginning of the two conversations, cut back to end on a user turn.
         shared = _common_prefix_length(chosen, rejected)

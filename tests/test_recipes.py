@@ -64,3 +64,51 @@ def test_cpu_accelerate_config_really_starts_two_processes():
     # Both workers share one stdout, so their lines may interleave: match, don't split.
     reports = sorted(re.findall(r"rank=\d+ world=\d+ type=[A-Z_]+", result.stdout))
     assert reports == ["rank=0 world=2 type=MULTI_CPU", "rank=1 world=2 type=MULTI_CPU"]
+
+
+# The hub datasets recipes may name, with their real splits and the shape of one row (from the
+# dataset cards). A recipe naming another id, a split that does not exist, or a set whose rows the
+# stage cannot read fails here, without hub access.
+HUB_DATASETS = {
+    "HuggingFaceH4/ultrachat_200k": {
+        "splits": {"train_sft", "test_sft", "train_gen", "test_gen"},
+        "row": {"prompt": "Hi?", "prompt_id": "0",
+                "messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]},
+    },
+    "HuggingFaceH4/ultrafeedback_binarized": {
+        "splits": {"train_prefs", "test_prefs", "train_sft", "test_sft", "train_gen", "test_gen"},
+        "row": {"prompt": "Hi?", "prompt_id": "0", "score_chosen": 8.0, "score_rejected": 3.0,
+                "chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
+                "rejected": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Go."}],
+                "messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]},
+    },
+}
+
+
+def _hub_sources(recipe):
+    data = getattr(recipe, "data", None)
+    sources = [*getattr(data, "train", []), *getattr(data, "eval", [])] if data is not None else []
+    return [s for s in sources if "/" in s.path and not Path(s.path).exists() and not s.path.startswith(
+        ("outputs/", "./", "/", "corpus:"))]
+
+
+@pytest.mark.parametrize("path", STAGE_RECIPES, ids=lambda p: str(p.relative_to(RECIPES)))
+def test_hub_datasets_in_recipes_are_real_and_readable(path):
+    from dialogrl.data.records import Conversation, PreferencePair, normalise_row
+
+    recipe = load_recipe(path)
+    for source in _hub_sources(recipe):
+        assert source.path in HUB_DATASETS, f"{path}: unknown hub dataset {source.path}"
+        known = HUB_DATASETS[source.path]
+        assert source.split in known["splits"], f"{path}: {source.path} has no split {source.split}"
+        record = normalise_row(known["row"])
+        expected = Conversation if type(recipe).stage == "sft" else PreferencePair
+        assert isinstance(record, expected), f"{path}: {source.path} rows do not suit a {type(recipe).stage} stage"
+        if expected is PreferencePair:
+            assert [m["role"] for m in record.chosen] == ["assistant"]  # the repeated prompt was taken out
+
+
+def test_the_multi_gpu_recipes_use_hub_data():
+    qwen = [load_recipe(p) for p in STAGE_RECIPES if p.parent.name == "qwen2.5-7b-instruct"]
+    assert {type(r).stage for r in qwen} >= {"sft", "reward", "dpo"}
+    assert all(_hub_sources(r) for r in qwen if type(r).stage != "data")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from dialogrl.training.config import RecipeError, describe_recipe, dump_recipe, load_recipe, recipe_kinds
@@ -147,6 +148,8 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
         summary = module.main(recipe, log=lambda msg: print(msg, file=sys.stderr))
     except (DataError, StageError) as err:
         raise UserError(str(err)) from None
+    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch, rank 0 speaks for all
+        return 0
     metrics = summary["metrics"]
     shown = {k: v for k, v in metrics.items() if k in ("train_loss", "loss", "eval_loss", "eval_accuracy",
                                                         "rewards/margins", "eval_rewards/margins", "accuracy")}

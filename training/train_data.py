@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -187,7 +188,8 @@ def prepare_data(data: TrainData, stage: StageKind, chat: ChatTokenizer, output_
     train = _tokenize(split_records["train"], stage, chat, data.max_length, rejects)
     after_train = rejects.counts.copy()
     evaluation = _tokenize(split_records["eval"], stage, chat, data.max_length, rejects)
-    rejects.write()
+    if int(os.environ.get("RANK", "0")) == 0:  # every process prepares the same rows; one writes them
+        rejects.write()
     if train is None:
         raise DataError(f"no usable training rows for the {stage} stage: {dict(rejects.counts) or 'the sources are empty'}"
                         f"; see {rejects.path}")

@@ -255,12 +255,15 @@ def finish_run(run: Run, trainer, tokenizer, data_summary: dict[str, Any], metri
         "world_size": trainer.accelerator.num_processes,
         "seconds": round(seconds, 1),
         "tokens_seen": state.num_input_tokens_seen,
+        "tokens_per_second": round(state.num_input_tokens_seen / metrics["train_runtime"], 1)
+        if metrics.get("train_runtime") else None,
         "metrics": metrics,
         "data": data_summary,
     }
     if not trainer.accelerator.is_main_process:
         return summary
     tokenizer.save_pretrained(str(run.output_dir))
+    state.save_to_json(str(run.output_dir / "trainer_state.json"))  # the whole log history, for comparisons
     if run.recipe.lora.enabled and run.recipe.lora.merge:
         merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
         merged.save_pretrained(str(run.output_dir / MERGED_DIRNAME))
