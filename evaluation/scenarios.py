@@ -90,22 +90,27 @@ class Scenario:
         }
 
 
-def build_scenarios(config: ScenarioConfig) -> list[Scenario]:
+def build_scenarios(config: ScenarioConfig, split: Literal["eval", "train"] = "eval") -> list[Scenario]:
+    """Dialogues with rules. `eval`: held-out dialogues, eval phrasings, seen and unseen types.
+
+    `train` (PPO episodes): training dialogues, training phrasings, seen types only, so
+    the evaluator's dialogues, phrasings and held-out types stay unseen in training.
+    """
     rng = random.Random(config.seed)
-    pool = [d for d in load_chitchat("eval") if len(d.user_turns) >= config.rounds]
+    pool = [d for d in load_chitchat(split) if len(d.user_turns) >= config.rounds]
     if not pool:
-        raise ValueError(f"no eval dialogue has {config.rounds} user turns; lower rounds")
+        raise ValueError(f"no {split} dialogue has {config.rounds} user turns; lower rounds")
     rng.shuffle(pool)
     long_texts = [d.reply_turns[0] for d in pool if len(d.reply_turns[0].split()) > 40] or ["(no long text)"]
     scenarios = []
     for i in range(config.dialogues):
         dialogue = pool[i % len(pool)]  # with more dialogues than the pool, dialogues repeat with other rules
-        unseen = i < round(config.unseen_fraction * config.dialogues)
+        unseen = split == "eval" and i < round(config.unseen_fraction * config.dialogues)
         k = rng.randint(config.min_constraints, config.max_constraints)
         rules: list[Constraint] = []
         if rng.random() < config.user_rule_fraction:
-            rules = catalogue.sample_constraints(rng, 1, split="eval", held_out=unseen, introduced_by="user")
-        for rule in catalogue.sample_constraints(rng, k, split="eval", held_out=unseen, introduced_by="system"):
+            rules = catalogue.sample_constraints(rng, 1, split=split, held_out=unseen, introduced_by="user")
+        for rule in catalogue.sample_constraints(rng, k, split=split, held_out=unseen, introduced_by="system"):
             if len(rules) < k and catalogue.compatible([rule.type_name, *(r.type_name for r in rules)]):
                 rules.append(rule)
         intro = [rng.randint(1, min(config.max_intro_round, config.rounds)) if c.type.introduced_by == "user" else 1

@@ -17,7 +17,8 @@ import torch
 from dialogrl.data.chat_tokens import ChatTokenizer
 from dialogrl.training.config import load_recipe
 
-WORDS = "hello there how are you today fine thanks what about the weather sunny rain cold warm tea".split()
+WORDS = ["hello", "there", "how", "are", "you", "today", "fine", "thanks", "what", "about", "the", "weather",
+         "sunny", "rain", "cold", "warm", "tea"]
 CLI = [sys.executable, "-m", "dialogrl.training.cli"]
 
 

@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for stage, text in (("sft", "supervised fine-tuning, loss on every assistant turn"),
                         ("reward", "train a reward model on per-turn preference pairs; `reward score` scores conversations"),
-                        ("dpo", "direct preference optimisation on per-turn pairs")):
+                        ("dpo", "direct preference optimisation on per-turn pairs"),
+                        ("ppo", "PPO with multi-turn rollouts, a user that answers, and turn-level credit")):
         stage_parser = commands.add_parser(stage, help=text, description=text + ". Launch under "
                                            "`accelerate launch --config_file recipes/accelerate/...` for several processes.")
         stage_parser.add_argument("--config", required=True,

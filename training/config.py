@@ -52,6 +52,7 @@ STAGE_MODULES = {
     "sft": "dialogrl.training.sft",
     "reward": "dialogrl.training.reward",
     "dpo": "dialogrl.training.dpo",
+    "ppo": "dialogrl.training.ppo",
 }
 
 

@@ -1,0 +1,287 @@
+"""`dialogrl ppo --config RECIPE`: PPO with multi-turn rollouts, a user that answers, and turn-level credit."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from dialogrl.evaluation.evaluate import dialogue_specs, standing_checks
+from dialogrl.evaluation.gate import check_gate
+from dialogrl.evaluation.scenarios import Scenario, ScenarioConfig, build_scenarios
+from dialogrl.training.config import dump_recipe, save_recipe
+from dialogrl.training.ppo_config import PPORecipe
+from dialogrl.training.ppo_trainer import ActorCritic, PPOTrainer, last_checkpoint, summarise_history
+from dialogrl.training.stage_config import LoraOptions
+from dialogrl.training.tracking import setup_tracking
+from dialogrl.training.trainer_setup import (
+    MERGED_DIRNAME,
+    SUMMARY_FILENAME,
+    StageError,
+    ensure_distinct_pad,
+    lora_config,
+    precision_flags,
+)
+
+METRICS_FILENAME = "metrics.jsonl"
+
+
+def rule_score(scenario: Scenario, round_number: int, reply: str) -> float:
+    """Mean score of the rules standing at this round; 0 for a reply that fails the quality gate."""
+    if not check_gate(reply).passed:
+        return 0.0
+    checks = standing_checks(scenario, round_number, reply)
+    return sum(c["score"] for c in checks) / len(checks) if checks else 1.0
+
+
+def episode_source(recipe: PPORecipe):
+    """(update, process, processes) -> that process's episodes: one fixed list, cut the same way on every run."""
+    e, o = recipe.episodes, recipe.ppo
+    cache: dict[int, list[Scenario]] = {}
+
+    def episodes(update: int, process: int, processes: int) -> list[Scenario]:
+        per_update = o.episodes_per_update * processes
+        if processes not in cache:
+            config = ScenarioConfig(
+                dialogues=per_update * o.updates, rounds=e.rounds, seed=e.seed, user_source=e.user_source,
+                unseen_fraction=0.0, min_constraints=e.min_constraints, max_constraints=e.max_constraints,
+                user_rule_fraction=e.user_rule_fraction, max_intro_round=e.max_intro_round, pressure=dict(e.pressure))
+            cache[processes] = build_scenarios(config, split="train")
+        start = update * per_update + process * o.episodes_per_update
+        return cache[processes][start: start + o.episodes_per_update]
+
+    return episodes
+
+
+def _simulated_user(recipe: PPORecipe, policy, reference, tokenizer):
+    """The base model plays the user (the frozen reference, or the LoRA policy with its adapter off)."""
+    if recipe.episodes.user_source != "simulated":
+        return None
+    from dialogrl.evaluation.generation import reply_generator
+    from dialogrl.evaluation.sampling import SamplingConfig
+
+    base = reference if reference is not None else policy
+    generate = reply_generator(base, tokenizer, SamplingConfig(max_new_tokens=48, temperature=0.8,
+                                                               seed=recipe.episodes.seed), batch_size=1)
+    if reference is not None:
+        return generate
+
+    def generate_without_adapter(conversations):
+        with policy.disable_adapter():
+            return generate(conversations)
+
+    return generate_without_adapter
+
+
+def load_models(recipe: PPORecipe):
+    """Policy (+ LoRA), reference, critic, reward model and the tokenizers, all with dropout off."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from dialogrl.data.chat_tokens import ChatTokenizer
+    from dialogrl.training.models import ModelConfig, load_causal_lm, load_tokenizer, resolve_model
+
+    resolved = resolve_model(recipe.model.name_or_path, revision=recipe.model.revision)
+    tokenizer = load_tokenizer(recipe.model, resolved)
+    added_pad = ensure_distinct_pad(tokenizer)  # pad must differ from the end-of-turn token
+    tokenizer.padding_side = "right"
+
+    def fit(model):
+        if added_pad:
+            model.resize_token_embeddings(len(tokenizer))
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+
+    policy = fit(load_causal_lm(recipe.model, resolved))
+    reference = None
+    if recipe.lora.enabled:
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, lora_config(recipe.lora, "CAUSAL_LM"))
+    else:
+        reference = fit(load_causal_lm(recipe.model, resolved)).eval().requires_grad_(False)
+
+    reward_model = reward_chat = None
+    if recipe.reward.model and recipe.reward.rm_weight:
+        rm_resolved = resolve_model(recipe.reward.model)
+        reward_tokenizer = load_tokenizer(ModelConfig(name_or_path=recipe.reward.model), rm_resolved)
+        ensure_distinct_pad(reward_tokenizer)
+        reward_model = AutoModelForSequenceClassification.from_pretrained(rm_resolved.location)
+        reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
+        reward_model = reward_model.eval().requires_grad_(False)
+        reward_chat = ChatTokenizer(reward_tokenizer)
+    critic_source = recipe.critic_from or recipe.reward.model or resolved.location
+    critic = AutoModelForSequenceClassification.from_pretrained(resolve_model(critic_source).location, num_labels=1)
+    if critic.get_input_embeddings().num_embeddings < len(tokenizer):
+        critic.resize_token_embeddings(len(tokenizer))
+    critic.config.pad_token_id = tokenizer.pad_token_id
+    if recipe.critic_from is None and not recipe.reward.model:
+        torch.nn.init.zeros_(critic.score.weight)  # a fresh head predicts 0 rather than noise
+    return policy, reference, critic, reward_model, reward_chat, tokenizer
+
+
+def build(recipe: PPORecipe, *, rule_score_fn=rule_score, log=print) -> tuple[PPOTrainer, str | None]:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    output_dir = Path(recipe.output_dir)
+    resume_from = _resume_target(output_dir, recipe.resume)
+    trackers = [t for t in setup_tracking(recipe.tracking, output_dir) if t != "none"]
+    flags = precision_flags(recipe.precision)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None,
+                              project_dir=str(output_dir), mixed_precision="bf16" if flags["bf16"] else "no")
+    set_seed(recipe.ppo.seed)
+    if accelerator.is_main_process:
+        save_recipe(recipe, output_dir)
+    policy, reference, critic, reward_model, reward_chat, tokenizer = load_models(recipe)
+    actor_critic = ActorCritic(policy, critic)
+    groups = [
+        {"name": "policy", "params": [p for p in policy.parameters() if p.requires_grad], "lr": recipe.ppo.learning_rate},
+        {"name": "critic", "params": list(critic.parameters()), "lr": recipe.ppo.critic_learning_rate},
+    ]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    # One prepare call for everything that trains: DDP, FSDP and DeepSpeed all wrap one module and one optimizer.
+    actor_critic, optimizer = accelerator.prepare(actor_critic, optimizer)
+    device = accelerator.device
+    if reference is not None:
+        reference.to(device)
+    if reward_model is not None:
+        reward_model.to(device)
+    unwrapped = accelerator.unwrap_model(actor_critic)
+    simulated = _simulated_user(recipe, unwrapped.policy, reference, tokenizer)
+    trainer = PPOTrainer(
+        recipe, accelerator, actor_critic, optimizer, tokenizer, reference=reference, reward_model=reward_model,
+        reward_chat=reward_chat, episode_source=episode_source(recipe),
+        spec_builder=lambda scenarios: dialogue_specs(scenarios, "none", simulated),
+        rule_score=rule_score_fn, log=log,
+    )
+    if trackers:
+        accelerator.init_trackers(recipe.tracking.project, config={"recipe": dump_recipe(recipe)})
+    return trainer, resume_from
+
+
+def _resume_target(output_dir: Path, resume: str) -> str | None:
+    last = last_checkpoint(output_dir) if output_dir.is_dir() else None
+    if resume == "auto":
+        return str(last) if last else None
+    if resume == "never":
+        if last is not None:
+            raise StageError(f"{output_dir} already holds checkpoint {last}; set resume: auto to continue it, "
+                             "or choose another output_dir")
+        return None
+    if not (Path(resume) / "ppo_state.json").is_file():
+        raise StageError(f"resume: {resume} is not a PPO checkpoint (no ppo_state.json)")
+    return resume
+
+
+def format_stats(stats: dict) -> str:
+    return (f"update {stats['update']}: score {stats['reward/score']:.3f} kl {stats['kl/episode']:.3f} "
+            f"beta {stats['kl/beta']:.3f} ratio {stats['policy/ratio']:.3f} clipfrac {stats['policy/clipfrac']:.3f} "
+            f"vloss {stats['loss/value']:.3f} ev {stats['value/explained_variance']:.2f} "
+            f"entropy {stats['policy/entropy']:.2f} len {stats['rollout/response_len']:.1f} "
+            f"ended {stats['rollout/ended_properly']:.2f} | rollout {stats['time/rollout']:.1f}s "
+            f"update {stats['time/update']:.1f}s")
+
+
+def train(trainer: PPOTrainer, resume_from: str | None, log=print) -> dict:
+    recipe = trainer.recipe
+    output_dir = Path(recipe.output_dir)
+    accelerator = trainer.accelerator
+    started = time.perf_counter()
+    if resume_from:
+        trainer.load_checkpoint(resume_from)
+        log(f"resumed from {resume_from} at update {trainer.update_index}")
+    metrics_path = output_dir / METRICS_FILENAME
+    while trainer.update_index < recipe.ppo.updates:
+        stats = trainer.step()
+        if accelerator.is_main_process:
+            with metrics_path.open("a") as handle:
+                handle.write(json.dumps(stats) + "\n")
+            log(format_stats(stats))
+        accelerator.log(stats, step=trainer.update_index)
+        if trainer.update_index % recipe.ppo.save_every == 0 and trainer.update_index < recipe.ppo.updates:
+            trainer.save_checkpoint(output_dir, recipe.ppo.save_total_limit)
+    accelerator.end_training()
+    return finish(trainer, resume_from, time.perf_counter() - started)
+
+
+def finish(trainer: PPOTrainer, resume_from: str | None, seconds: float) -> dict:
+    recipe = trainer.recipe
+    output_dir = Path(recipe.output_dir)
+    accelerator = trainer.accelerator
+    accelerator.wait_for_everyone()
+    policy = trainer.unwrapped.policy
+    summary = {"stage": "ppo", "status": "complete", "base_model": recipe.model.name_or_path,
+               "global_step": trainer.update_index, "max_steps": recipe.ppo.updates, "resumed_from": resume_from,
+               "world_size": accelerator.num_processes, "seconds": round(seconds, 1),
+               "metrics": summarise_history(trainer.history)}
+    if accelerator.is_main_process:
+        policy.save_pretrained(str(output_dir))
+        trainer.tokenizer.save_pretrained(str(output_dir))
+        if recipe.lora.enabled and recipe.lora.merge:
+            merged = policy.merge_and_unload()
+            merged.save_pretrained(str(output_dir / MERGED_DIRNAME))
+            trainer.tokenizer.save_pretrained(str(output_dir / MERGED_DIRNAME))
+            save_recipe(recipe, output_dir / MERGED_DIRNAME)
+            summary["merged_dir"] = str(output_dir / MERGED_DIRNAME)
+        (output_dir / SUMMARY_FILENAME).write_text(json.dumps(summary, indent=2) + "\n")
+        (output_dir / "README.md").write_text(model_card(recipe, summary))
+        plot_curves(trainer.history, output_dir / "ppo_curves.png")
+    return summary
+
+
+def model_card(recipe: PPORecipe, summary: dict) -> str:
+    m = summary["metrics"]
+    rows = "\n".join(f"| {k} | {m['first'][k]:.4g} | {m['last'][k]:.4g} |" for k in m.get("first", {})
+                     if m["first"][k] is not None and m["last"][k] is not None)
+    lora: LoraOptions = recipe.lora
+    return f"""---
+base_model: {recipe.model.name_or_path}
+library_name: transformers
+tags: [dialogrl, ppo]
+---
+# {Path(recipe.output_dir).name}
+
+`dialogrl ppo` from **{recipe.model.name_or_path}** ({"LoRA adapter" if lora.enabled else "full weights"}):
+{summary['global_step']} updates of {recipe.ppo.episodes_per_update} episodes x {summary['world_size']} process(es),
+{recipe.episodes.rounds} rounds each ({recipe.episodes.user_source} user), reward model {recipe.reward.model}
+(weight {recipe.reward.rm_weight}), rule weight {recipe.reward.rule_weight}.
+{summary['seconds']:.0f} s in all, {m.get('seconds_per_update', 0):.1f} s per update,
+{100 * (m.get('generation_share') or 0):.0f}% of it generating. Curves: `ppo_curves.png`; every update: `metrics.jsonl`.
+
+| metric | first update | last update |
+|---|---|---|
+{rows}
+
+## Recipe
+```yaml
+{dump_recipe(recipe)}```
+"""
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    updates = [h["update"] for h in history]
+    panels = [("reward/score", "mean turn score (raw)"), ("kl/episode", "KL to reference per episode"),
+              ("value/explained_variance", "critic explained variance"), ("rollout/response_len", "reply tokens")]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for axis, (key, title) in zip(axes, panels, strict=True):
+        axis.plot(updates, [h[key] for h in history], marker=".")
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("update")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(recipe: PPORecipe, log=print) -> dict:
+    trainer, resume_from = build(recipe, log=log)
+    return train(trainer, resume_from, log=log)

@@ -1,0 +1,116 @@
+"""The `ppo` recipe: policy, critic, reward, episodes and the PPO schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from dialogrl.data.options import option
+from dialogrl.evaluation.sampling import SamplingConfig
+from dialogrl.training.config import register_recipe
+from dialogrl.training.models import ModelConfig
+from dialogrl.training.stage_config import LoraOptions
+from dialogrl.training.tracking import TrackingConfig
+
+
+@dataclass
+class EpisodeConfig:
+    rounds: int = option(4, help="User turns (and replies) per episode; 1 is single-turn PPO on the last turn.")
+    user_source: Literal["replay", "simulated"] = option(
+        "replay", help="replay: human turns from the corpus's train split; simulated: the policy's base model, "
+        "prompted to play the user, answers each reply."
+    )
+    pressure: dict[int, str] = option(
+        default_factory=dict, help="Round -> pressure turn replacing the user's turn: drop_rule, topic_change, long_paste."
+    )
+    min_constraints: int = option(1, help="Fewest rules per episode (training phrasings, seen types only).")
+    max_constraints: int = option(2, help="Most rules per episode.")
+    user_rule_fraction: float = option(0.25, help="Share of episodes where the user states one rule in a turn.")
+    max_intro_round: int = option(2, help="Latest round at which a user-stated rule is introduced.")
+    seed: int = option(0, help="Seed for picking episodes' dialogues and rules.")
+
+
+@dataclass
+class RewardOptions:
+    model: str | None = option(
+        None, help="Reward model directory (from `dialogrl reward`); null for the rule reward only."
+    )
+    rm_weight: float = option(1.0, help="Weight of the reward model's score of each turn.")
+    rule_weight: float = option(
+        0.0, help="Weight of the rule score: the mean score of every rule standing at that turn (0 if the reply "
+        "fails the quality gate)."
+    )
+    cut_penalty: float = option(1.0, help="Subtracted from the score of a reply cut by max_new_tokens (no end token).")
+    normalise: bool = option(True, help="Normalise turn scores by their running mean and std (over all processes).")
+    clip: float = option(5.0, help="Clip normalised scores to +-clip.")
+
+    def __post_init__(self) -> None:
+        if self.rm_weight < 0 or self.rule_weight < 0 or (self.rm_weight == 0 and self.rule_weight == 0):
+            raise ValueError("reward: rm_weight and rule_weight must be >= 0 and not both 0")
+
+
+@dataclass
+class PPOOptions:
+    updates: int = option(20, help="PPO iterations: each plays a batch of episodes, then trains on it.")
+    episodes_per_update: int = option(8, help="Episodes each process plays per update.")
+    generation_batch_size: int = option(8, help="Episodes played together by the rollout engine (one KV cache).")
+    minibatch_episodes: int = option(4, help="Episodes per gradient step (per process).")
+    epochs: int = option(2, help="Passes over each rollout batch, in reshuffled minibatches.")
+    learning_rate: float = option(1e-5, help="Policy learning rate.")
+    critic_learning_rate: float = option(5e-5, help="Critic learning rate (its own parameter group).")
+    critic_warmup_updates: int = option(0, help="First updates that train the critic only (policy frozen).")
+    clip_eps: float = option(0.2, help="Policy ratio clip.")
+    value_clip: float = option(0.2, help="Value clip around the rollout's values.")
+    gamma_turn: float = option(0.95, help="Discount between turns (1 inside a turn).")
+    lam: float = option(0.95, help="GAE lambda.")
+    kl_beta: float = option(0.05, help="Per-token KL penalty weight (initial value when adaptive).")
+    kl_target: float | None = option(
+        None, help="Adaptive beta: target mean KL per episode; null keeps beta fixed."
+    )
+    kl_horizon: int = option(10000, help="Adaptive beta horizon in episodes.")
+    entropy_coef: float = option(0.0, help="Entropy bonus weight (entropy is logged either way).")
+    max_grad_norm: float = option(1.0, help="Gradient clipping norm, for the policy and the critic separately.")
+    whiten_advantages: bool = option(True, help="Whiten advantages over all generated tokens of the batch.")
+    bootstrap_at_cut: bool = option(
+        True, help="When an episode stops at the round limit (the dialogue could go on), bootstrap from the "
+        "critic's value instead of 0."
+    )
+    save_every: int = option(5, help="Write a resumable checkpoint every this many updates.")
+    save_total_limit: int = option(2, help="Resumable checkpoints kept (the newest).")
+    seed: int = option(0, help="Seed for minibatch shuffling and weight init.")
+
+    def __post_init__(self) -> None:
+        if self.episodes_per_update % self.minibatch_episodes:
+            raise ValueError(f"ppo.episodes_per_update ({self.episodes_per_update}) must be a multiple of "
+                             f"ppo.minibatch_episodes ({self.minibatch_episodes})")
+        if not 0 < self.gamma_turn <= 1 or not 0 <= self.lam <= 1:
+            raise ValueError("ppo.gamma_turn must be in (0, 1] and ppo.lam in [0, 1]")
+
+
+@register_recipe("ppo")
+@dataclass
+class PPORecipe:
+    model: ModelConfig = option(default_factory=ModelConfig, help="The policy to start from (e.g. an SFT checkpoint).")
+    reward: RewardOptions = option(default_factory=RewardOptions, help="How each assistant turn is scored.")
+    critic_from: str | None = option(
+        None, help="Checkpoint the critic starts from (a scalar head on its backbone); null: reward.model, or the "
+        "policy's checkpoint with a fresh head when there is no reward model."
+    )
+    episodes: EpisodeConfig = option(default_factory=EpisodeConfig, help="The dialogues played as episodes.")
+    sampling: SamplingConfig = option(
+        default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=0.8),
+        help="Decoding of the policy's replies during rollouts (temperature also divides the training logits).",
+    )
+    ppo: PPOOptions = option(default_factory=PPOOptions, help="The PPO schedule and losses.")
+    lora: LoraOptions = option(
+        default_factory=LoraOptions, help="LoRA policy: the reference is the policy with its adapter disabled."
+    )
+    precision: Literal["auto", "float32", "bfloat16"] = option(
+        "auto", help="Mixed precision: auto = bfloat16 on a GPU that supports it, float32 on CPU."
+    )
+    tracking: TrackingConfig = option(default_factory=TrackingConfig, help="Where metrics are logged.")
+    output_dir: str = option("outputs/ppo", help="Checkpoints, the final policy, metrics.jsonl, config.yaml, card.")
+    resume: str = option(
+        "auto", help="auto: continue from the newest checkpoint in output_dir; never: start over (no checkpoint "
+        "may exist); or a checkpoint directory."
+    )
