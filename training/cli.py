@@ -159,6 +159,23 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from dialogrl.data.sources import DataError
+    from dialogrl.training import pipeline
+    from dialogrl.training.trainer_setup import StageError
+
+    recipe = load_recipe(args.config, args.overrides, expected=pipeline.PipelineRecipe)
+    try:
+        summary = pipeline.main(recipe, log=lambda msg: print(msg, file=sys.stderr))
+    except (DataError, StageError) as err:
+        raise UserError(str(err)) from None
+    for label, row in summary["models"].items():
+        print(f"{label}: strict AUC {row['auc_strict']:.3f}, A(1) {row['adherence_round_1']:.3f}, "
+              f"A({row['rounds']}) {row['adherence_last_round']:.3f}, gate pass {row['gate_pass_rate']:.3f}")
+    print(f"summary: {recipe.output_dir}/summary.md")
+    return 0
+
+
 def _cmd_reward_score(args: argparse.Namespace) -> int:
     from dialogrl.training.reward_cli import score_file
 
@@ -268,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
                                   help=f"{stage} recipe (YAML), e.g. recipes/smollm2-135m/{stage}.yaml")
         stage_parser.add_argument("overrides", nargs="*", help="dotted.key=value")
         stage_parser.set_defaults(handler=lambda args, stage=stage: _run_stage(stage, args))
+
+    pipeline = commands.add_parser(
+        "pipeline", help="run data, sft, reward, dpo, ppo steps and compare every checkpoint",
+        description="Run the steps a pipeline recipe lists, skipping complete ones, then evaluate the base model "
+        "and every checkpoint; writes summary.md, summary.json and adherence.png in the run directory.")
+    pipeline.add_argument("--config", required=True, help="pipeline recipe, e.g. recipes/smollm2-135m/pipeline-quick.yaml")
+    pipeline.add_argument("overrides", nargs="*", help="dotted.key=value")
+    pipeline.set_defaults(handler=_cmd_pipeline)
 
     recipe = commands.add_parser("recipe", help="validate recipes and list their keys")
     recipe_commands = recipe.add_subparsers(dest="recipe_command", metavar="ACTION", required=True)

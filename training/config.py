@@ -53,6 +53,7 @@ STAGE_MODULES = {
     "reward": "dialogrl.training.reward",
     "dpo": "dialogrl.training.dpo",
     "ppo": "dialogrl.training.ppo",
+    "pipeline": "dialogrl.training.pipeline",
 }
 
 

@@ -1,0 +1,102 @@
+"""`dialogrl pipeline` end to end on the tiny model: every stage, the comparison, the rerun that skips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from dialogrl.training.config import load_recipe
+from dialogrl.training.pipeline import PipelineRecipe, wire
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def pipeline_recipe(tmp_path: Path, tiny: Path) -> Path:
+    """Stage recipes that name each other by their standalone output dirs, as the shipped ones do."""
+    standalone = tmp_path / "standalone"
+    quiet = {"report_to": ["none"]}
+    small = {"max_steps": 2, "per_device_batch_size": 2, "logging_steps": 1, "save_steps": 1}
+    data = _write(tmp_path / "data.yaml", {
+        "stage": "data", "output_dir": str(standalone / "data"), "max_length": 512,
+        "sft": {"conversations": 6}, "preferences": {"pairs": 24}})
+    sft = _write(tmp_path / "sft.yaml", {
+        "stage": "sft", "output_dir": str(standalone / "sft"), "data": {"train": [{"path": str(standalone / "data/sft")}],
+                                                                         "eval_fraction": 0},
+        "training": small, "tracking": quiet})
+    reward = _write(tmp_path / "reward.yaml", {
+        "stage": "reward", "output_dir": str(standalone / "reward"),
+        "data": {"train": [{"path": str(standalone / "data/preferences"), "limit": 16}], "eval_fraction": 0.25},
+        "training": small, "tracking": quiet})
+    dpo = _write(tmp_path / "dpo.yaml", {
+        "stage": "dpo", "output_dir": str(standalone / "dpo"),
+        "data": {"train": [{"path": str(standalone / "data/preferences"), "limit": 8}], "eval_fraction": 0},
+        "training": small, "lora": {"enabled": True, "r": 4, "merge": True}, "tracking": quiet})
+    ppo = _write(tmp_path / "ppo.yaml", {
+        "stage": "ppo", "output_dir": str(standalone / "ppo"), "model": {"name_or_path": str(standalone / "sft")},
+        "reward": {"model": str(standalone / "reward"), "rule_weight": 1.0},
+        "episodes": {"rounds": 2}, "sampling": {"max_new_tokens": 8, "temperature": 0.8},
+        "ppo": {"updates": 2, "episodes_per_update": 2, "generation_batch_size": 2, "minibatch_episodes": 2,
+                "save_every": 1},
+        "tracking": quiet})
+    evaluation = _write(tmp_path / "eval.yaml", {
+        "stage": "eval", "scenarios": {"dialogues": 4, "rounds": 2}, "sampling": {"max_new_tokens": 8},
+        "batch_size": 4, "bootstrap_samples": 50})
+    return _write(tmp_path / "pipeline.yaml", {
+        "stage": "pipeline", "base_model": str(tiny), "output_dir": str(tmp_path / "run"),
+        "steps": [
+            {"name": "data", "stage": "data", "recipe": str(data)},
+            {"name": "sft", "stage": "sft", "recipe": str(sft)},
+            {"name": "reward", "stage": "reward", "recipe": str(reward)},
+            {"name": "dpo", "stage": "dpo", "recipe": str(dpo), "model_from": "sft"},
+            {"name": "ppo", "stage": "ppo", "recipe": str(ppo)},
+        ],
+        "eval": {"recipe": str(evaluation)},
+    })
+
+
+def test_steps_read_each_others_outputs_in_the_run(tiny_model_dir, tmp_path):
+    recipe = load_recipe(pipeline_recipe(tmp_path, tiny_model_dir), expected=PipelineRecipe)
+    run = tmp_path / "run"
+    wired = {step.name: stage_recipe for step, stage_recipe, _dir in wire(recipe, run)}
+    assert wired["data"].model.name_or_path == str(tiny_model_dir)
+    assert wired["sft"].data.train[0].path == str(run / "data" / "sft")
+    assert wired["sft"].model.name_or_path == str(tiny_model_dir)  # no earlier model: the base
+    assert wired["dpo"].model.name_or_path == str(run / "sft")  # model_from
+    assert wired["ppo"].model.name_or_path == str(run / "sft")  # named the standalone sft output
+    assert wired["ppo"].reward.model == str(run / "reward")
+    assert all(r.output_dir.startswith(str(run)) for r in wired.values())
+
+
+def test_pipeline_runs_every_stage_compares_checkpoints_and_skips_on_rerun(tiny_model_dir, tmp_path):
+    from dialogrl.training import pipeline
+
+    recipe = load_recipe(pipeline_recipe(tmp_path, tiny_model_dir), expected=PipelineRecipe)
+    messages: list[str] = []
+    summary = pipeline.main(recipe, log=messages.append)
+    run = tmp_path / "run"
+    assert list(summary["models"]) == ["base", "sft", "dpo", "ppo"]
+    stored = json.loads((run / "summary.json").read_text())
+    assert stored["models"] == summary["models"]
+    report = json.loads((run / "eval" / "report.json").read_text())
+    for label, row in summary["models"].items():
+        assert row["auc_strict"] == report["models"][label]["auc_strict"]
+        assert 0 <= row["gate_pass_rate"] <= 1
+    assert report["models"]["dpo"]["model"] == str(run / "dpo" / "merged")  # LoRA step: its merged model
+    markdown = (run / "summary.md").read_text()
+    assert all(f"| {label} |" in markdown for label in summary["models"])
+    assert (run / "adherence.png").stat().st_size > 1000
+    for name in ("sft", "reward", "dpo", "ppo"):
+        assert json.loads((run / name / "run_summary.json").read_text())["status"] == "complete"
+    # The DPO step really started from the SFT checkpoint.
+    assert load_recipe(run / "dpo" / "config.yaml").model.name_or_path == str(run / "sft")
+
+    rerun_messages: list[str] = []
+    pipeline.main(recipe, log=rerun_messages.append)
+    skipped = [m for m in rerun_messages if "skipped" in m]
+    assert len(skipped) == 6, rerun_messages  # five steps and the evaluation
+    assert not any("running" in m for m in rerun_messages)

@@ -1,0 +1,249 @@
+"""`dialogrl pipeline --config RECIPE`: data -> sft -> reward -> dpo / ppo, then every checkpoint evaluated.
+
+A pipeline recipe lists steps, each a stage with its own recipe file and
+overrides. Steps are wired by one rule: a path in a step's recipe that points at
+another step's standalone output directory (its recipe's `output_dir`, such as
+`outputs/smollm2-135m/sft`) is redirected to that step's directory in this run
+(`RUN_DIR/sft`, or `RUN_DIR/sft/merged` for a merged LoRA model). So the
+standalone recipes chain as they are; `model_from` picks another start, and a
+step whose model is no earlier step's output starts from `base_model`.
+
+A rerun skips steps whose outputs are complete and says so; an interrupted step
+resumes from its last checkpoint (its `resume: auto`). Then the base model and
+every evaluated checkpoint are scored by the evaluator in one report, and
+`summary.md`, `summary.json` and `adherence.png` compare them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from dialogrl.data.options import option
+from dialogrl.training.config import (
+    STAGE_MODULES,
+    load_recipe,
+    recipe_kinds,
+    recipe_to_dict,
+    register_recipe,
+    save_recipe,
+)
+
+TRAINING_STAGES = ("sft", "reward", "dpo", "ppo")
+CHECKPOINT_STAGES = ("sft", "dpo", "ppo")  # stages that produce a policy worth evaluating
+
+
+@dataclass
+class PipelineStep:
+    name: str = option("sft", help="Step label: names its directory under output_dir and its line in the summary.")
+    stage: Literal["data", "sft", "reward", "dpo", "ppo"] = option("sft", help="Which stage the step runs.")
+    recipe: str | None = option(None, help="The stage's recipe file; null: the stage's defaults.")
+    overrides: list[str] = option(default_factory=list, help="dotted.key=value overrides applied to that recipe.")
+    model_from: str | None = option(
+        None, help="Start from this earlier step's checkpoint instead of the recipe's model."
+    )
+    evaluate: bool = option(True, help="Evaluate this step's checkpoint (sft, dpo and ppo steps).")
+
+
+@dataclass
+class PipelineEval:
+    recipe: str = option("recipes/smollm2-135m/eval-quick.yaml", help="The eval recipe scoring every checkpoint.")
+    overrides: list[str] = option(default_factory=list, help="dotted.key=value overrides for the eval recipe.")
+    include_base: bool = option(True, help="Evaluate the base model too, as the first line of the comparison.")
+
+
+@register_recipe("pipeline")
+@dataclass
+class PipelineRecipe:
+    base_model: str = option("packaged:smollm2-135m-instruct", help="The model the chain starts from (the baseline).")
+    output_dir: str = option("outputs/pipeline", help="Run directory: one sub-directory per step, eval/, the summary.")
+    steps: list[PipelineStep] = option(default_factory=list, help="Steps in the order they run.")
+    eval: PipelineEval = option(default_factory=PipelineEval, help="How checkpoints are compared.")
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.steps]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"steps: names must be unique, {duplicates} repeat")
+        for i, step in enumerate(self.steps):
+            if step.model_from is not None and step.model_from not in names[:i]:
+                raise ValueError(f"steps[{i}] ({step.name}): model_from {step.model_from!r} is not an earlier step")
+            if step.model_from is not None and step.stage == "data":
+                raise ValueError(f"steps[{i}] ({step.name}): a data step has no model_from")
+
+
+def _stage_recipe(step: PipelineStep):
+    cls = recipe_kinds()[step.stage]
+    return load_recipe(step.recipe, step.overrides, expected=cls)
+
+
+def checkpoint_of(step_dir: Path) -> Path:
+    """The directory later stages and the evaluator load: the merged model when LoRA wrote one."""
+    merged = step_dir / "merged"
+    return merged if (merged / "config.json").is_file() else step_dir
+
+
+def is_complete(stage: str, step_dir: Path) -> bool:
+    if stage == "data":
+        return (step_dir / "manifest.json").is_file()
+    summary = step_dir / "run_summary.json"
+    return summary.is_file() and json.loads(summary.read_text()).get("status") == "complete"
+
+
+def _redirect(value: Any, redirects: dict[str, str]) -> Any:
+    """Replace a leading standalone output dir by the run's step directory, in every string of a recipe."""
+    if isinstance(value, str):
+        for original, target in redirects.items():
+            if value == original or value.startswith(original.rstrip("/") + "/"):
+                return target + value[len(original.rstrip("/")):]
+        return value
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            setattr(value, f.name, _redirect(getattr(value, f.name), redirects))
+        return value
+    if isinstance(value, list):
+        return [_redirect(v, redirects) for v in value]
+    if isinstance(value, dict):
+        return {k: _redirect(v, redirects) for k, v in value.items()}
+    return value
+
+
+def wire(recipe: PipelineRecipe, run_dir: Path) -> list[tuple[PipelineStep, Any, Path]]:
+    """Each step's resolved recipe, with outputs in the run directory and inputs redirected to earlier steps."""
+    redirects: dict[str, str] = {}
+    wired = []
+    for step in recipe.steps:
+        stage_recipe = _stage_recipe(step)
+        standalone = stage_recipe.output_dir
+        step_dir = run_dir / step.name
+        _redirect(stage_recipe, redirects)
+        stage_recipe.output_dir = str(step_dir)
+        if step.model_from is not None:
+            stage_recipe.model.name_or_path = str(checkpoint_of(run_dir / step.model_from))
+        elif stage_recipe.model.name_or_path not in redirects.values():
+            # A step that does not continue another step's model starts the chain from the base model.
+            stage_recipe.model.name_or_path = recipe.base_model
+        # Later steps that name this step's standalone output read this run's copy instead. A LoRA
+        # step with merge: true is read through its merged directory.
+        merged = step.stage in TRAINING_STAGES and getattr(stage_recipe, "lora", None) is not None \
+            and stage_recipe.lora.enabled and stage_recipe.lora.merge
+        redirects[standalone] = str(step_dir / "merged") if merged else str(step_dir)
+        wired.append((step, stage_recipe, step_dir))
+    return wired
+
+
+def run_step(step: PipelineStep, stage_recipe: Any, step_dir: Path, log=print) -> dict[str, Any]:
+    if is_complete(step.stage, step_dir):
+        log(f"[{step.name}] skipped: outputs complete in {step_dir}")
+        return {"name": step.name, "stage": step.stage, "skipped": True, "dir": str(step_dir)}
+    log(f"[{step.name}] running dialogrl {step.stage if step.stage != 'data' else 'data build'} -> {step_dir}")
+    started = time.perf_counter()
+    module = importlib.import_module(STAGE_MODULES[step.stage])
+    result = module.main(stage_recipe, log=lambda msg: log(f"[{step.name}] {msg}"))
+    seconds = time.perf_counter() - started
+    log(f"[{step.name}] done in {seconds:.0f} s")
+    return {"name": step.name, "stage": step.stage, "skipped": False, "dir": str(step_dir),
+            "seconds": round(seconds, 1), "metrics": result.get("metrics") if isinstance(result, dict) else None}
+
+
+def _git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent)
+        return done.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def evaluate_checkpoints(recipe: PipelineRecipe, wired, run_dir: Path, log=print) -> dict[str, Any]:
+    from dialogrl.evaluation.run import run_eval
+    from dialogrl.training import eval_stage
+
+    models: list[tuple[str, str]] = [("base", recipe.base_model)] if recipe.eval.include_base else []
+    models += [(step.name, str(checkpoint_of(step_dir))) for step, _r, step_dir in wired
+               if step.stage in CHECKPOINT_STAGES and step.evaluate]
+    eval_recipe = load_recipe(recipe.eval.recipe, recipe.eval.overrides, expected=eval_stage.EvalRecipe)
+    eval_recipe.models = [reference for _label, reference in models]
+    eval_recipe.output_dir = str(run_dir / "eval")
+    report_path = run_dir / "eval" / "report.json"
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        done = {label: m["model"] for label, m in report["models"].items()}
+        newest_checkpoint = max((Path(ref).stat().st_mtime for _l, ref in models if Path(ref).exists()), default=0)
+        if done == dict(models) and report_path.stat().st_mtime > newest_checkpoint:
+            log(f"[eval] skipped: {report_path} already compares {', '.join(done)}")
+            return report
+    candidates = eval_stage.candidates(eval_recipe)
+    for candidate, (label, _reference) in zip(candidates, models, strict=True):
+        candidate.label = label
+    save_recipe(eval_recipe, eval_recipe.output_dir)
+    log(f"[eval] {len(models)} models: {', '.join(label for label, _ in models)}")
+    return run_eval(eval_recipe, candidates, eval_recipe.output_dir, recipe_to_dict(eval_recipe),
+                    log=lambda msg: log(f"[eval] {msg}"))
+
+
+def summarise(report: dict[str, Any], steps: list[dict[str, Any]], recipe: PipelineRecipe, run_dir: Path,
+              seconds: float) -> dict[str, Any]:
+    rows = {}
+    for label, m in report["models"].items():
+        strict = m["curve"]["strict"]["mean"]
+        rows[label] = {
+            "model": m["model"], "auc_strict": m["auc_strict"], "auc_loose": m["auc_loose"],
+            "adherence_round_1": strict[0], "adherence_last_round": strict[-1], "rounds": len(strict),
+            "retention": m["retention"], "seen": m["seen"]["strict"], "unseen": m["unseen"]["strict"],
+            "gate_pass_rate": m["gate_pass_rate"], "ssr": m["ssr"],
+        }
+    return {
+        "run_dir": str(run_dir), "commit": _git_commit(), "seconds": round(seconds, 1),
+        "base_model": recipe.base_model, "steps": steps, "models": rows,
+        "comparisons": report.get("comparisons", []), "eval_config": report.get("config"),
+    }
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    rounds = next(iter(summary["models"].values()))["rounds"] if summary["models"] else 0
+    lines = [
+        f"# Pipeline summary: {summary['run_dir']}",
+        "",
+        f"Base model {summary['base_model']}; commit {summary['commit'] or 'unknown'}; {summary['seconds'] / 60:.1f} "
+        "minutes in all. Strict adherence on held-out dialogues with eval phrasings.",
+        "",
+        f"| model | strict AUC | A(1) | A({rounds}) | retention | seen | unseen | gate pass |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, row in summary["models"].items():
+        lines.append(f"| {label} | {_fmt(row['auc_strict'])} | {_fmt(row['adherence_round_1'])} | "
+                     f"{_fmt(row['adherence_last_round'])} | {_fmt(row['retention'])} | {_fmt(row['seen'])} | "
+                     f"{_fmt(row['unseen'])} | {_fmt(row['gate_pass_rate'])} |")
+    lines += ["", "| step | stage | time | state |", "|---|---|---|---|"]
+    for step in summary["steps"]:
+        state = "skipped (complete)" if step["skipped"] else "ran"
+        lines.append(f"| {step['name']} | {step['stage']} | {step.get('seconds', '-')} s | {state} |")
+    lines += ["", "Curves with 95% bootstrap bands: `adherence.png`; full report: `eval/report.md`.", ""]
+    return "\n".join(lines)
+
+
+def main(recipe: PipelineRecipe, log=print) -> dict[str, Any]:
+    started = time.perf_counter()
+    run_dir = Path(recipe.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe, run_dir)
+    wired = wire(recipe, run_dir)
+    steps = [run_step(step, stage_recipe, step_dir, log) for step, stage_recipe, step_dir in wired]
+    report = evaluate_checkpoints(recipe, wired, run_dir, log)
+    summary = summarise(report, steps, recipe, run_dir, time.perf_counter() - started)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run_dir / "summary.md").write_text(summary_markdown(summary))
+    shutil.copyfile(run_dir / "eval" / "adherence.png", run_dir / "adherence.png")
+    return summary
