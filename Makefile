@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(BIN)/dialogrl models fetch smollm2-135m-instruct
-	$(BIN)/dialogrl chat --config recipes/smollm2-135m/chat-demo.yaml
+	$(BIN)/dialogrl pipeline --config recipes/smollm2-135m/pipeline-quick.yaml
 
 test: $(STAMP)
 	$(BIN)/ruff check data evaluation training tests

@@ -61,8 +61,10 @@ def _simulated_user(recipe: PPORecipe, policy, reference, tokenizer):
     from dialogrl.evaluation.sampling import SamplingConfig
 
     base = reference if reference is not None else policy
+    # reply_generator seeds on a forked RNG, so the policy's own sampling stream is left alone.
     generate = reply_generator(base, tokenizer, SamplingConfig(max_new_tokens=48, temperature=0.8,
                                                                seed=recipe.episodes.seed), batch_size=1)
+
     if reference is not None:
         return generate
 
@@ -193,6 +195,8 @@ def train(trainer: PPOTrainer, resume_from: str | None, log=print) -> dict:
         trainer.load_checkpoint(resume_from)
         log(f"resumed from {resume_from} at update {trainer.update_index}")
     metrics_path = output_dir / METRICS_FILENAME
+    if accelerator.is_main_process:
+        _drop_replayed_metrics(metrics_path, trainer.update_index)
     while trainer.update_index < recipe.ppo.updates:
         stats = trainer.step()
         if accelerator.is_main_process:
@@ -202,8 +206,24 @@ def train(trainer: PPOTrainer, resume_from: str | None, log=print) -> dict:
         accelerator.log(stats, step=trainer.update_index)
         if trainer.update_index % recipe.ppo.save_every == 0 and trainer.update_index < recipe.ppo.updates:
             trainer.save_checkpoint(output_dir, recipe.ppo.save_total_limit)
-    accelerator.end_training()
-    return finish(trainer, resume_from, time.perf_counter() - started)
+    summary = finish(trainer, resume_from, time.perf_counter() - started)
+    accelerator.end_training()  # last: it also destroys the process group, which finish() still needs
+    return summary
+
+
+def _drop_replayed_metrics(path: Path, last_update: int) -> None:
+    """Keep the metrics lines of updates up to `last_update` only: later ones come from a run that stopped
+    after its last checkpoint, and this run is about to write them again (one line per update)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["update"] <= last_update:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short when the run was killed
+    path.write_text("".join(kept))
 
 
 def finish(trainer: PPOTrainer, resume_from: str | None, seconds: float) -> dict:

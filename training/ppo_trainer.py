@@ -346,7 +346,16 @@ class PPOTrainer:
         }
 
     def explained_variance(self, rollout: Rollout) -> float:
-        return float(ppo_math.explained_variance(rollout.old_values, rollout.returns, rollout.action_mask))
+        """1 - Var(R - V) / Var(R) over the generated tokens of every process (0 when the returns are flat)."""
+        mask = rollout.action_mask.bool()
+        returns, residual = rollout.returns[mask], (rollout.returns - rollout.old_values)[mask]
+        r_sum, r_sq, d_sum, d_sq, count = self._reduce_sum([
+            returns.sum().item(), returns.square().sum().item(), residual.sum().item(),
+            residual.square().sum().item(), mask.sum().item()])
+        count = max(count, 1)
+        var_returns = r_sq / count - (r_sum / count) ** 2
+        var_residual = d_sq / count - (d_sum / count) ** 2
+        return 0.0 if var_returns <= 1e-12 else 1.0 - var_residual / var_returns
 
     # ------------------------------------------------------------------ loop
 
