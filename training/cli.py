@@ -151,6 +151,12 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch, rank 0 speaks for all
         return 0
     metrics = summary["metrics"]
+    if stage == "ppo":
+        first, last = metrics.get("first", {}), metrics.get("last", {})
+        print(f"ppo: {summary['global_step']} updates in {summary['seconds']} s; score {first.get('reward/score', 0):.3f} "
+              f"-> {last.get('reward/score', 0):.3f}, KL per episode {last.get('kl/episode', 0):.3f}")
+        print(f"model: {summary.get('merged_dir', recipe.output_dir)} (curves: {recipe.output_dir}/ppo_curves.png)")
+        return 0
     shown = {k: v for k, v in metrics.items() if k in ("train_loss", "loss", "eval_loss", "eval_accuracy",
                                                         "rewards/margins", "eval_rewards/margins", "accuracy")}
     print(f"{stage}: {summary['global_step']} steps in {summary['seconds']} s; "

@@ -74,7 +74,7 @@ def build(recipe: DPORecipe, log=print) -> StageParts:
     from trl import DPOConfig
 
     run = start_run(recipe, "dpo")
-    tokenizer, chat, resolved, added_pad = load_training_tokenizer(recipe)
+    tokenizer, chat, resolved, added_pad = load_training_tokenizer(recipe.model)
     data = prepare_data(recipe.data, "dpo", chat, run.output_dir)
     log(describe_data(data.summary))
     model = load_policy(recipe, resolved, tokenizer, added_pad)

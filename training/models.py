@@ -129,18 +129,28 @@ def load_tokenizer(config: ModelConfig, resolved: ResolvedModel | None = None):
 
 
 def load_causal_lm(config: ModelConfig, resolved: ResolvedModel | None = None):
+    return _from_pretrained("AutoModelForCausalLM", config, resolved)
+
+
+def load_scorer(config: ModelConfig, resolved: ResolvedModel | None = None):
+    """A sequence classifier with one output (reward model, critic); from a causal LM the head starts fresh."""
+    return _from_pretrained("AutoModelForSequenceClassification", config, resolved, num_labels=1)
+
+
+def _from_pretrained(auto_class: str, config: ModelConfig, resolved: ResolvedModel | None, **extra):
     import torch
 
     if not torch.cuda.is_available():
         # transformers imports DeepSpeed, which otherwise warns on every load that it fell back to CPU.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     resolved = resolved or resolve_model(config.name_or_path, revision=config.revision)
-    kwargs = {"dtype": _torch_dtype(config.dtype), "trust_remote_code": config.trust_remote_code}
+    kwargs = {"dtype": _torch_dtype(config.dtype), "trust_remote_code": config.trust_remote_code, **extra}
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
-    return AutoModelForCausalLM.from_pretrained(resolved.location, revision=_revision(config, resolved), **kwargs)
+    return getattr(transformers, auto_class).from_pretrained(
+        resolved.location, revision=_revision(config, resolved), **kwargs)
 
 
 def _revision(config: ModelConfig, resolved: ResolvedModel) -> str | None:

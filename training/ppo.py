@@ -18,7 +18,8 @@ from dialogrl.training.trainer_setup import (
     MERGED_DIRNAME,
     SUMMARY_FILENAME,
     StageError,
-    ensure_distinct_pad,
+    fit_to_tokenizer,
+    load_training_tokenizer,
     lora_config,
     precision_flags,
 )
@@ -76,44 +77,34 @@ def _simulated_user(recipe: PPORecipe, policy, reference, tokenizer):
 
 
 def load_models(recipe: PPORecipe):
-    """Policy (+ LoRA), reference, critic, reward model and the tokenizers, all with dropout off."""
+    """Policy (+ LoRA), reference, critic, reward model and the tokenizers."""
     import torch
-    from transformers import AutoModelForSequenceClassification
 
-    from dialogrl.data.chat_tokens import ChatTokenizer
-    from dialogrl.training.models import ModelConfig, load_causal_lm, load_tokenizer, resolve_model
+    from dialogrl.training.models import ModelConfig, load_causal_lm, load_scorer
 
-    resolved = resolve_model(recipe.model.name_or_path, revision=recipe.model.revision)
-    tokenizer = load_tokenizer(recipe.model, resolved)
-    added_pad = ensure_distinct_pad(tokenizer)  # pad must differ from the end-of-turn token
-    tokenizer.padding_side = "right"
-
-    def fit(model):
-        if added_pad:
-            model.resize_token_embeddings(len(tokenizer))
-        model.config.pad_token_id = tokenizer.pad_token_id
-        return model
-
-    policy = fit(load_causal_lm(recipe.model, resolved))
+    tokenizer, _chat, resolved, added_pad = load_training_tokenizer(recipe.model)
+    policy = fit_to_tokenizer(load_causal_lm(recipe.model, resolved), tokenizer, added_pad)
     reference = None
     if recipe.lora.enabled:
         from peft import get_peft_model
 
         policy = get_peft_model(policy, lora_config(recipe.lora, "CAUSAL_LM"))
     else:
-        reference = fit(load_causal_lm(recipe.model, resolved)).eval().requires_grad_(False)
+        reference = fit_to_tokenizer(load_causal_lm(recipe.model, resolved), tokenizer, added_pad)
+        reference = reference.eval().requires_grad_(False)
+
+    def scorer_config(path: str) -> ModelConfig:
+        return ModelConfig(name_or_path=path, dtype=recipe.model.dtype,
+                           attn_implementation=recipe.model.attn_implementation)
 
     reward_model = reward_chat = None
     if recipe.reward.model and recipe.reward.rm_weight:
-        rm_resolved = resolve_model(recipe.reward.model)
-        reward_tokenizer = load_tokenizer(ModelConfig(name_or_path=recipe.reward.model), rm_resolved)
-        ensure_distinct_pad(reward_tokenizer)
-        reward_model = AutoModelForSequenceClassification.from_pretrained(rm_resolved.location)
-        reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
-        reward_model = reward_model.eval().requires_grad_(False)
-        reward_chat = ChatTokenizer(reward_tokenizer)
-    critic_source = recipe.critic_from or recipe.reward.model or resolved.location
-    critic = AutoModelForSequenceClassification.from_pretrained(resolve_model(critic_source).location, num_labels=1)
+        # The reward model reads the dialogue with its own tokenizer and template: it may differ from the policy's.
+        reward_tokenizer, reward_chat, rm_resolved, rm_added = load_training_tokenizer(scorer_config(recipe.reward.model))
+        reward_model = fit_to_tokenizer(load_scorer(scorer_config(recipe.reward.model), rm_resolved),
+                                        reward_tokenizer, rm_added).eval().requires_grad_(False)
+    critic_source = recipe.critic_from or recipe.reward.model or recipe.model.name_or_path
+    critic = load_scorer(scorer_config(critic_source))
     if critic.get_input_embeddings().num_embeddings < len(tokenizer):
         critic.resize_token_embeddings(len(tokenizer))
     critic.config.pad_token_id = tokenizer.pad_token_id
@@ -178,7 +169,8 @@ def _resume_target(output_dir: Path, resume: str) -> str | None:
 
 
 def format_stats(stats: dict) -> str:
-    return (f"update {stats['update']}: score {stats['reward/score']:.3f} kl {stats['kl/episode']:.3f} "
+    return (f"update {stats['update']}: score {stats['reward/score']:.3f} (rm {stats['reward/rm']:.2f} "
+            f"rule {stats['reward/rule']:.2f} cut {stats['reward/cut_share']:.2f}) kl {stats['kl/episode']:.3f} "
             f"beta {stats['kl/beta']:.3f} ratio {stats['policy/ratio']:.3f} clipfrac {stats['policy/clipfrac']:.3f} "
             f"vloss {stats['loss/value']:.3f} ev {stats['value/explained_variance']:.2f} "
             f"entropy {stats['policy/entropy']:.2f} len {stats['rollout/response_len']:.1f} "

@@ -80,6 +80,7 @@ class Rollout:
     turn_ids: torch.Tensor  # [B, L-1] 0-based assistant turn of each generated target, -1 elsewhere
     turn_end: torch.Tensor  # [B, K] position (in input_ids) of each turn's last generated token, -1 if absent
     raw_scores: torch.Tensor  # [B, K] turn scores before normalisation (nan where the turn is absent)
+    score_parts: dict[str, float]  # sums over this process's turns: rm, rule, cut (count), turns (count)
     scores: torch.Tensor | None = None  # [B, K] normalised
     old_logprobs: torch.Tensor | None = None  # [B, L-1]
     ref_logprobs: torch.Tensor | None = None
@@ -183,18 +184,22 @@ class PPOTrainer:
         input_ids, attention, action_mask, turn_ids, turn_end = pad_trajectories(
             trajectories, self.tokenizer.pad_token_id, rounds)
         device = self.accelerator.device
-        rollout = Rollout(trajectories, scenarios, input_ids.to(device), attention.to(device),
-                          action_mask.to(device), turn_ids.to(device), turn_end.to(device),
-                          self.turn_scores(trajectories, scenarios).to(device))
-        return rollout
+        scores, parts = self.turn_scores(trajectories, scenarios)
+        return Rollout(trajectories, scenarios, input_ids.to(device), attention.to(device), action_mask.to(device),
+                       turn_ids.to(device), turn_end.to(device), scores.to(device), parts)
 
-    def turn_scores(self, trajectories: list[Trajectory], scenarios: list[Scenario]) -> torch.Tensor:
-        """[B, K]: weighted reward-model and rule scores per assistant turn, cut replies penalised; nan if absent."""
+    def turn_scores(self, trajectories: list[Trajectory], scenarios: list[Scenario]
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """[B, K]: weighted reward-model and rule scores per assistant turn, cut replies penalised; nan if absent.
+
+        Also the unweighted parts summed over turns, so the log shows which one moves.
+        """
         from dialogrl.training.reward_scoring import score_conversations
 
         options = self.recipe.reward
         rounds = self.recipe.episodes.rounds
         scores = torch.full((len(trajectories), rounds), float("nan"))
+        parts = {"rm": 0.0, "rule": 0.0, "cut": 0.0, "turns": 0.0}
         rm_scores = None
         if self.reward_model is not None and options.rm_weight:
             rm_scores = score_conversations(self.reward_model, self.reward_chat, [t.messages for t in trajectories],
@@ -204,14 +209,19 @@ class PPOTrainer:
             replies = [m["content"] for m in trajectory.messages if m["role"] == "assistant"]
             for k, reply in enumerate(replies[:rounds]):
                 score = 0.0
+                parts["turns"] += 1
                 if rm_scores is not None:
                     score += options.rm_weight * rm_scores[row][k]
+                    parts["rm"] += rm_scores[row][k]
                 if options.rule_weight and self.rule_score is not None:
-                    score += options.rule_weight * self.rule_score(scenario, k + 1, reply)
+                    rule = self.rule_score(scenario, k + 1, reply)
+                    score += options.rule_weight * rule
+                    parts["rule"] += rule
                 if not trajectory.ended_properly[k]:
                     score -= options.cut_penalty
+                    parts["cut"] += 1
                 scores[row, k] = score
-        return scores
+        return scores, parts
 
     @torch.no_grad()
     def prepare_batch(self, rollout: Rollout) -> dict[str, float]:
@@ -258,13 +268,17 @@ class PPOTrainer:
         kl_per_episode = (rollout.kl * mask).sum().item()
         replies = [n for t in rollout.trajectories for n in t.generated_tokens]
         ended = [e for t in rollout.trajectories for e in t.ended_properly]
+        parts = rollout.score_parts
         totals = self._reduce_sum([
             torch.nansum(rollout.raw_scores).item(), present.sum().item(), kl_per_episode, episodes,
-            sum(replies), len(replies), sum(ended), mask.sum().item(),
+            sum(replies), len(replies), sum(ended), mask.sum().item(), parts["rm"], parts["rule"], parts["cut"],
         ])
-        score_sum, turns, kl_sum, n_episodes, reply_tokens, n_replies, n_ended, tokens = totals
+        score_sum, turns, kl_sum, n_episodes, reply_tokens, n_replies, n_ended, tokens, rm, rule, cut = totals
         stats = {
             "reward/score": score_sum / max(turns, 1),
+            "reward/rm": rm / max(turns, 1),
+            "reward/rule": rule / max(turns, 1),
+            "reward/cut_share": cut / max(turns, 1),
             "kl/episode": kl_sum / max(n_episodes, 1),
             "kl/token": kl_sum / max(tokens, 1),
             "kl/beta": beta,

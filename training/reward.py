@@ -54,7 +54,7 @@ def build(recipe: RewardRecipe, log=print) -> StageParts:
     from trl import RewardConfig, RewardTrainer
 
     run = start_run(recipe, "reward")
-    tokenizer, chat, resolved, added_pad = load_training_tokenizer(recipe)
+    tokenizer, chat, resolved, added_pad = load_training_tokenizer(recipe.model)
     data = prepare_data(recipe.data, "reward", chat, run.output_dir)
     log(describe_data(data.summary))
     model = load_reward_model(recipe, resolved, tokenizer, added_pad)

@@ -9,13 +9,11 @@ from pathlib import Path
 
 def score_file(model_dir: str, source: str, *, split: str = "train", turns: str = "all", output: str | None = None,
                batch_size: int = 8) -> int:
-    from transformers import AutoModelForSequenceClassification
-
     from dialogrl.data.chat_tokens import ChatTokenizer
     from dialogrl.data.records import Conversation
     from dialogrl.data.sources import DataError, load_records
     from dialogrl.training.cli import UserError
-    from dialogrl.training.models import ModelConfig, load_tokenizer, resolve_model
+    from dialogrl.training.models import ModelConfig, load_scorer, load_tokenizer, resolve_model
     from dialogrl.training.reward_scoring import score_conversations
 
     resolved = resolve_model(model_dir)
@@ -26,13 +24,14 @@ def score_file(model_dir: str, source: str, *, split: str = "train", turns: str 
     except DataError as err:
         raise UserError(str(err)) from None
     conversations = []
+    skipped = [str(problem) for problem in report.problems]
     for record in records:
         if not isinstance(record, Conversation) or not record.num_assistant_turns:
             kind = "a preference pair" if not isinstance(record, Conversation) else "a conversation with no reply"
-            report.problems.append(f"row {record.meta.get('source_row')}: {kind}; nothing to score")  # type: ignore[arg-type]
+            skipped.append(f"{source}: row {record.meta.get('source_row')}: {kind}; nothing to score")
             continue
         conversations.append(record)
-    model = AutoModelForSequenceClassification.from_pretrained(resolved.location).eval()
+    model = load_scorer(ModelConfig(name_or_path=model_dir), resolved).eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores = score_conversations(model, chat, [r.messages for r in conversations], pad_id=pad_id,
                                  batch_size=batch_size)
@@ -44,9 +43,9 @@ def score_file(model_dir: str, source: str, *, split: str = "train", turns: str 
         Path(output).write_text("".join(lines), encoding="utf-8")
     else:
         sys.stdout.write("".join(lines))
-    skipped = report.rejected_rows + len(records) - len(conversations)
-    print(f"scored {len(conversations)} of {report.rows} rows" + (f"; {skipped} skipped:" if skipped else ""),
+    not_scored = report.rejected_rows + len(records) - len(conversations)
+    print(f"scored {len(conversations)} of {report.rows} rows" + (f"; {not_scored} not scored:" if not_scored else ""),
           file=sys.stderr)
-    for problem in report.problems[:20]:
-        print(f"  {problem}", file=sys.stderr)
-    return 1 if skipped else 0
+    for line in skipped[:20]:
+        print(f"  {line}", file=sys.stderr)
+    return 1 if not_scored else 0

@@ -32,7 +32,7 @@ def build(recipe: SFTRecipe, log=print) -> StageParts:
     from trl import SFTConfig, SFTTrainer
 
     run = start_run(recipe, "sft")
-    tokenizer, chat, resolved, added_pad = load_training_tokenizer(recipe)
+    tokenizer, chat, resolved, added_pad = load_training_tokenizer(recipe.model)
     data = prepare_data(recipe.data, "sft", chat, run.output_dir)
     log(describe_data(data.summary))
     model = load_policy(recipe, resolved, tokenizer, added_pad)

@@ -18,7 +18,7 @@ from typing import Any
 
 from dialogrl.data.chat_tokens import ChatTokenizer
 from dialogrl.training.config import dump_recipe, save_recipe
-from dialogrl.training.models import ResolvedModel, load_tokenizer, resolve_model
+from dialogrl.training.models import ModelConfig, ResolvedModel, load_tokenizer, resolve_model
 from dialogrl.training.stage_config import LoraOptions, StageRecipe
 from dialogrl.training.tracking import setup_tracking
 
@@ -101,24 +101,16 @@ def ensure_distinct_pad(tokenizer) -> bool:
     return True
 
 
-def load_training_tokenizer(recipe: StageRecipe) -> tuple[Any, ChatTokenizer, ResolvedModel, bool]:
-    resolved = resolve_model(recipe.model.name_or_path, revision=recipe.model.revision)
-    tokenizer = load_tokenizer(recipe.model, resolved)
+def load_training_tokenizer(model: ModelConfig) -> tuple[Any, ChatTokenizer, ResolvedModel, bool]:
+    """The model's tokenizer with a distinct pad token (True if one was added), right padding, its ChatTokenizer."""
+    resolved = resolve_model(model.name_or_path, revision=model.revision)
+    tokenizer = load_tokenizer(model, resolved)
     added = ensure_distinct_pad(tokenizer)
     tokenizer.padding_side = "right"
     return tokenizer, ChatTokenizer(tokenizer), resolved, added
 
 
-def _model_kwargs(recipe: StageRecipe) -> dict[str, Any]:
-    from dialogrl.training.models import _torch_dtype
-
-    kwargs: dict[str, Any] = {"dtype": _torch_dtype(recipe.model.dtype), "trust_remote_code": recipe.model.trust_remote_code}
-    if recipe.model.attn_implementation:
-        kwargs["attn_implementation"] = recipe.model.attn_implementation
-    return kwargs
-
-
-def _fit_to_tokenizer(model, tokenizer, added_pad: bool):
+def fit_to_tokenizer(model, tokenizer, added_pad: bool):
     if added_pad:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -130,15 +122,13 @@ def _fit_to_tokenizer(model, tokenizer, added_pad: bool):
 def load_policy(recipe: StageRecipe, resolved: ResolvedModel, tokenizer, added_pad: bool):
     from dialogrl.training.models import load_causal_lm
 
-    return _fit_to_tokenizer(load_causal_lm(recipe.model, resolved), tokenizer, added_pad)
+    return fit_to_tokenizer(load_causal_lm(recipe.model, resolved), tokenizer, added_pad)
 
 
 def load_reward_model(recipe: StageRecipe, resolved: ResolvedModel, tokenizer, added_pad: bool):
-    """A sequence classifier with one output; from a causal LM checkpoint the score head starts fresh."""
-    from transformers import AutoModelForSequenceClassification
+    from dialogrl.training.models import load_scorer
 
-    model = AutoModelForSequenceClassification.from_pretrained(resolved.location, num_labels=1, **_model_kwargs(recipe))
-    return _fit_to_tokenizer(model, tokenizer, added_pad)
+    return fit_to_tokenizer(load_scorer(recipe.model, resolved), tokenizer, added_pad)
 
 
 def lora_config(lora: LoraOptions, task_type: str):
