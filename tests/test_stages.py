@@ -354,3 +354,17 @@ def test_stage_errors_name_the_problem(tiny_model_dir, tmp_path):
                             f"output_dir={tmp_path / 'o3'}", "resume=never"], capture_output=True, text=True, timeout=300)
     assert never.returncode == 1 and "checkpoint-5" in never.stderr and "resume: auto" in never.stderr
     shutil.rmtree(tmp_path / "o3")
+
+
+def test_resume_skips_a_checkpoint_left_half_written(tmp_path):
+    """A kill during a save leaves checkpoint-N without trainer_state.json (written last): resume uses N-1."""
+    from dialogrl.training.trainer_setup import find_resume_checkpoint
+
+    for step, state in ((10, "{}"), (20, "{}"), (30, None), (40, "{truncated")):
+        directory = tmp_path / f"checkpoint-{step}"
+        directory.mkdir()
+        (directory / "model.safetensors").write_text("")
+        if state is not None:
+            (directory / "trainer_state.json").write_text(state)
+    assert find_resume_checkpoint(tmp_path, "auto") == str(tmp_path / "checkpoint-20")
+    assert find_resume_checkpoint(tmp_path / "empty", "auto") is None

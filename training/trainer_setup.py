@@ -57,10 +57,28 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def find_resume_checkpoint(output_dir: Path, resume: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def last_complete_checkpoint(output_dir: Path) -> str | None:
+    """The newest checkpoint-N that was fully written.
 
-    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    A run killed while saving leaves a checkpoint directory without its trainer_state.json,
+    which the Trainer writes last; transformers' get_last_checkpoint would pick it anyway.
+    """
+    numbered = []
+    for path in output_dir.glob("checkpoint-*") if output_dir.is_dir() else []:
+        suffix = path.name.removeprefix("checkpoint-")
+        if path.is_dir() and suffix.isdigit():
+            numbered.append((int(suffix), path))
+    for _step, path in sorted(numbered, reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        return str(path)
+    return None
+
+
+def find_resume_checkpoint(output_dir: Path, resume: str) -> str | None:
+    last = last_complete_checkpoint(output_dir)
     if resume == "auto":
         return last
     if resume == "never":
