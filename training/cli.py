@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from dialogrl.training.config import RecipeError, describe_recipe, dump_recipe, load_recipe, recipe_kinds
@@ -140,7 +139,7 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
 
     from dialogrl.data.sources import DataError
     from dialogrl.training.config import STAGE_MODULES
-    from dialogrl.training.trainer_setup import StageError
+    from dialogrl.training.trainer_setup import StageError, is_main_process
 
     module = importlib.import_module(STAGE_MODULES[stage])
     recipe = load_recipe(args.config, args.overrides, expected=recipe_kinds()[stage])
@@ -148,7 +147,7 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
         summary = module.main(recipe, log=lambda msg: print(msg, file=sys.stderr))
     except (DataError, StageError) as err:
         raise UserError(str(err)) from None
-    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch, rank 0 speaks for all
+    if not is_main_process():  # under accelerate launch, rank 0 speaks for all
         return 0
     metrics = summary["metrics"]
     if stage == "ppo":

@@ -13,14 +13,12 @@ from typing import Literal
 from dialogrl.data.options import option
 from dialogrl.training.config import register_recipe
 from dialogrl.training.stage_config import StageRecipe, TrainData, preference_data
-from dialogrl.training.train_data import describe_data, prepare_data
 from dialogrl.training.trainer_setup import (
-    StageError,
     StageParts,
+    check_rows_kept,
     load_policy,
-    load_training_tokenizer,
     lora_config,
-    start_run,
+    prepare_stage,
     train_stage,
     trl_arguments,
 )
@@ -73,26 +71,22 @@ def pretokenized_dpo_trainer():
 def build(recipe: DPORecipe, log=print) -> StageParts:
     from trl import DPOConfig
 
-    run = start_run(recipe, "dpo")
-    tokenizer, chat, resolved, added_pad = load_training_tokenizer(recipe.model)
-    data = prepare_data(recipe.data, "dpo", chat, run.output_dir)
-    log(describe_data(data.summary))
-    model = load_policy(recipe, resolved, tokenizer, added_pad)
+    inputs = prepare_stage(recipe, "dpo", log)
+    model = load_policy(recipe, inputs.resolved, inputs.tokenizer, inputs.added_pad)
     reference = None
     if recipe.reference in ("copy", "auto") and not recipe.lora.enabled:
-        reference = load_policy(recipe, resolved, tokenizer, added_pad).eval()
+        reference = load_policy(recipe, inputs.resolved, inputs.tokenizer, inputs.added_pad).eval()
     args = trl_arguments(
-        DPOConfig, run, has_eval=data.eval is not None,
+        DPOConfig, inputs.run, has_eval=inputs.data.eval is not None,
         beta=recipe.beta, loss_type=recipe.loss_type, loss_weights=recipe.loss_weights,
         max_length=recipe.data.max_length, precompute_ref_log_probs=recipe.reference == "precomputed",
     )
-    trainer = pretokenized_dpo_trainer()(model=model, ref_model=reference, args=args, train_dataset=data.train,
-                         eval_dataset=data.eval, processing_class=tokenizer,
-                         peft_config=lora_config(recipe.lora, "CAUSAL_LM"))
-    if len(trainer.train_dataset) != len(data.train):
-        raise StageError(f"the DPO trainer kept {len(trainer.train_dataset)} of {len(data.train)} pairs; "
-                         "every pair should fit data.max_length after the length check")
-    return StageParts(run, trainer, tokenizer, data)
+    trainer = pretokenized_dpo_trainer()(
+        model=model, ref_model=reference, args=args, train_dataset=inputs.data.train,
+        eval_dataset=inputs.data.eval, processing_class=inputs.tokenizer,
+        peft_config=lora_config(recipe.lora, "CAUSAL_LM"))
+    check_rows_kept(trainer, inputs.data)
+    return StageParts(inputs.run, trainer, inputs.tokenizer, inputs.data)
 
 
 def main(recipe: DPORecipe, log=print) -> dict:

@@ -11,13 +11,13 @@ from dialogrl.evaluation.gate import check_gate
 from dialogrl.evaluation.scenarios import Scenario, ScenarioConfig, build_scenarios
 from dialogrl.training.config import dump_recipe, save_recipe
 from dialogrl.training.ppo_config import PPORecipe
-from dialogrl.training.ppo_trainer import ActorCritic, PPOTrainer, last_checkpoint, summarise_history
+from dialogrl.training.ppo_trainer import STATE_FILENAME, ActorCritic, PPOTrainer, summarise_history
 from dialogrl.training.stage_config import LoraOptions
 from dialogrl.training.tracking import setup_tracking
 from dialogrl.training.trainer_setup import (
     MERGED_DIRNAME,
     SUMMARY_FILENAME,
-    StageError,
+    find_resume_checkpoint,
     fit_to_tokenizer,
     load_training_tokenizer,
     lora_config,
@@ -119,7 +119,7 @@ def build(recipe: PPORecipe, *, rule_score_fn=rule_score, log=print) -> tuple[PP
     from accelerate.utils import set_seed
 
     output_dir = Path(recipe.output_dir)
-    resume_from = _resume_target(output_dir, recipe.resume)
+    resume_from = find_resume_checkpoint(output_dir, recipe.resume, STATE_FILENAME)
     trackers = [t for t in setup_tracking(recipe.tracking, output_dir) if t != "none"]
     flags = precision_flags(recipe.precision)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None,
@@ -152,20 +152,6 @@ def build(recipe: PPORecipe, *, rule_score_fn=rule_score, log=print) -> tuple[PP
     if trackers:
         accelerator.init_trackers(recipe.tracking.project, config={"recipe": dump_recipe(recipe)})
     return trainer, resume_from
-
-
-def _resume_target(output_dir: Path, resume: str) -> str | None:
-    last = last_checkpoint(output_dir) if output_dir.is_dir() else None
-    if resume == "auto":
-        return str(last) if last else None
-    if resume == "never":
-        if last is not None:
-            raise StageError(f"{output_dir} already holds checkpoint {last}; set resume: auto to continue it, "
-                             "or choose another output_dir")
-        return None
-    if not (Path(resume) / "ppo_state.json").is_file():
-        raise StageError(f"resume: {resume} is not a PPO checkpoint (no ppo_state.json)")
-    return resume
 
 
 def format_stats(stats: dict) -> str:

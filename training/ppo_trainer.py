@@ -417,11 +417,6 @@ class PPOTrainer:
         self.history = state["history"]
 
 
-def last_checkpoint(output_dir: Path) -> Path | None:
-    done = [p for p in output_dir.glob("checkpoint-*") if (p / STATE_FILENAME).is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
-
-
 def summarise_history(history: list[dict[str, Any]]) -> dict[str, Any]:
     if not history:
         return {}

@@ -15,14 +15,12 @@ from dialogrl.data.options import option
 from dialogrl.training.config import register_recipe
 from dialogrl.training.reward_scoring import pair_accuracy
 from dialogrl.training.stage_config import StageRecipe, TrainData, preference_data
-from dialogrl.training.train_data import describe_data, prepare_data
 from dialogrl.training.trainer_setup import (
-    StageError,
     StageParts,
+    check_rows_kept,
     load_reward_model,
-    load_training_tokenizer,
     lora_config,
-    start_run,
+    prepare_stage,
     train_stage,
     trl_arguments,
 )
@@ -53,22 +51,16 @@ def accuracy_table(accuracy: dict) -> str:
 def build(recipe: RewardRecipe, log=print) -> StageParts:
     from trl import RewardConfig, RewardTrainer
 
-    run = start_run(recipe, "reward")
-    tokenizer, chat, resolved, added_pad = load_training_tokenizer(recipe.model)
-    data = prepare_data(recipe.data, "reward", chat, run.output_dir)
-    log(describe_data(data.summary))
-    model = load_reward_model(recipe, resolved, tokenizer, added_pad)
+    inputs = prepare_stage(recipe, "reward", log)
+    model = load_reward_model(recipe, inputs.resolved, inputs.tokenizer, inputs.added_pad)
     args = trl_arguments(
-        RewardConfig, run, has_eval=data.eval is not None,
+        RewardConfig, inputs.run, has_eval=inputs.data.eval is not None,
         max_length=recipe.data.max_length, center_rewards_coefficient=recipe.center_rewards_coefficient,
     )
-    trainer = RewardTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                            processing_class=tokenizer, peft_config=lora_config(recipe.lora, "SEQ_CLS"))
-    # RewardTrainer drops pairs over its max_length without a word; ours were checked already, so none may go.
-    if len(trainer.train_dataset) != len(data.train):
-        raise StageError(f"the reward trainer kept {len(trainer.train_dataset)} of {len(data.train)} pairs; "
-                         "every pair should fit data.max_length after the length check")
-    return StageParts(run, trainer, tokenizer, data)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=inputs.data.train, eval_dataset=inputs.data.eval,
+                            processing_class=inputs.tokenizer, peft_config=lora_config(recipe.lora, "SEQ_CLS"))
+    check_rows_kept(trainer, inputs.data)
+    return StageParts(inputs.run, trainer, inputs.tokenizer, inputs.data)
 
 
 def held_out_accuracy(parts: StageParts, log=print) -> tuple[dict, str]:

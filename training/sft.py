@@ -7,13 +7,11 @@ from dataclasses import dataclass
 from dialogrl.data.options import option
 from dialogrl.training.config import register_recipe
 from dialogrl.training.stage_config import StageRecipe
-from dialogrl.training.train_data import describe_data, prepare_data
 from dialogrl.training.trainer_setup import (
     StageParts,
     load_policy,
-    load_training_tokenizer,
     lora_config,
-    start_run,
+    prepare_stage,
     train_stage,
     trl_arguments,
 )
@@ -31,18 +29,15 @@ class SFTRecipe(StageRecipe):
 def build(recipe: SFTRecipe, log=print) -> StageParts:
     from trl import SFTConfig, SFTTrainer
 
-    run = start_run(recipe, "sft")
-    tokenizer, chat, resolved, added_pad = load_training_tokenizer(recipe.model)
-    data = prepare_data(recipe.data, "sft", chat, run.output_dir)
-    log(describe_data(data.summary))
-    model = load_policy(recipe, resolved, tokenizer, added_pad)
+    inputs = prepare_stage(recipe, "sft", log)
+    model = load_policy(recipe, inputs.resolved, inputs.tokenizer, inputs.added_pad)
     args = trl_arguments(
-        SFTConfig, run, has_eval=data.eval is not None,
+        SFTConfig, inputs.run, has_eval=inputs.data.eval is not None,
         max_length=recipe.data.max_length, packing=recipe.packing, padding_free=recipe.packing,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                         processing_class=tokenizer, peft_config=lora_config(recipe.lora, "CAUSAL_LM"))
-    return StageParts(run, trainer, tokenizer, data)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=inputs.data.train, eval_dataset=inputs.data.eval,
+                         processing_class=inputs.tokenizer, peft_config=lora_config(recipe.lora, "CAUSAL_LM"))
+    return StageParts(inputs.run, trainer, inputs.tokenizer, inputs.data)
 
 
 def main(recipe: SFTRecipe, log=print) -> dict:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -160,8 +159,12 @@ def _plain(record: Record) -> dict[str, Any]:
     return {"prompt": record.prompt, "chosen": record.chosen, "rejected": record.rejected}
 
 
-def prepare_data(data: TrainData, stage: StageKind, chat: ChatTokenizer, output_dir: str | Path) -> PreparedData:
-    """Read, check, split and tokenise every source of `data` for `stage`; write rejects.jsonl."""
+def prepare_data(data: TrainData, stage: StageKind, chat: ChatTokenizer, output_dir: str | Path, *,
+                 write_rejects: bool = True) -> PreparedData:
+    """Read, check, split and tokenise every source of `data` for `stage`; write rejects.jsonl.
+
+    Under several processes every one prepares the same rows and only the main one writes.
+    """
     rejects = _Rejects(Path(output_dir) / REJECTS_FILENAME)
     split_records: dict[str, list[Record]] = {"train": [], "eval": []}
     sources: dict[str, list[dict]] = {"train": [], "eval": []}
@@ -188,7 +191,7 @@ def prepare_data(data: TrainData, stage: StageKind, chat: ChatTokenizer, output_
     train = _tokenize(split_records["train"], stage, chat, data.max_length, rejects)
     after_train = rejects.counts.copy()
     evaluation = _tokenize(split_records["eval"], stage, chat, data.max_length, rejects)
-    if int(os.environ.get("RANK", "0")) == 0:  # every process prepares the same rows; one writes them
+    if write_rejects:
         rejects.write()
     if train is None:
         raise DataError(f"no usable training rows for the {stage} stage: {dict(rejects.counts) or 'the sources are empty'}"

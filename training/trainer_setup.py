@@ -57,11 +57,12 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def last_complete_checkpoint(output_dir: Path) -> str | None:
+def last_complete_checkpoint(output_dir: Path, state_file: str = "trainer_state.json") -> str | None:
     """The newest checkpoint-N that was fully written.
 
-    A run killed while saving leaves a checkpoint directory without its trainer_state.json,
-    which the Trainer writes last; transformers' get_last_checkpoint would pick it anyway.
+    A run killed while saving leaves a checkpoint directory without its state file, which is
+    written last (the Trainer's trainer_state.json, PPO's ppo_state.json); transformers'
+    get_last_checkpoint would pick that directory anyway.
     """
     numbered = []
     for path in output_dir.glob("checkpoint-*") if output_dir.is_dir() else []:
@@ -70,15 +71,16 @@ def last_complete_checkpoint(output_dir: Path) -> str | None:
             numbered.append((int(suffix), path))
     for _step, path in sorted(numbered, reverse=True):
         try:
-            json.loads((path / "trainer_state.json").read_text())
+            json.loads((path / state_file).read_text())
         except (OSError, ValueError):
             continue
         return str(path)
     return None
 
 
-def find_resume_checkpoint(output_dir: Path, resume: str) -> str | None:
-    last = last_complete_checkpoint(output_dir)
+def find_resume_checkpoint(output_dir: Path, resume: str, state_file: str = "trainer_state.json") -> str | None:
+    """What `resume: auto|never|DIR` means for this output directory."""
+    last = last_complete_checkpoint(output_dir, state_file)
     if resume == "auto":
         return last
     if resume == "never":
@@ -87,8 +89,8 @@ def find_resume_checkpoint(output_dir: Path, resume: str) -> str | None:
                              "or choose another output_dir")
         return None
     target = Path(resume)
-    if not (target / "trainer_state.json").is_file():
-        raise StageError(f"resume: {resume} is not a checkpoint directory (no trainer_state.json); "
+    if not (target / state_file).is_file():
+        raise StageError(f"resume: {resume} is not a checkpoint directory (no {state_file}); "
                          "use auto, never, or a checkpoint-N directory")
     return str(target)
 
@@ -217,6 +219,36 @@ def trl_arguments(config_cls: type, run: Run, *, has_eval: bool, **stage_args: A
         **t.trainer_args,
     }
     return config_cls(**args)
+
+
+# --------------------------------------------------------------------------- what every stage does first
+
+
+@dataclass
+class StageInputs:
+    run: Run
+    tokenizer: Any
+    resolved: ResolvedModel
+    added_pad: bool  # a pad token was added: the model's embeddings must grow by one
+    data: Any  # train_data.PreparedData
+
+
+def prepare_stage(recipe: StageRecipe, stage: str, log=print) -> StageInputs:
+    """Start the run, load the tokenizer, read and tokenise the stage's rows, report what was set aside."""
+    from dialogrl.training.train_data import describe_data, prepare_data
+
+    run = start_run(recipe, stage)
+    tokenizer, chat, resolved, added_pad = load_training_tokenizer(recipe.model)
+    data = prepare_data(recipe.data, stage, chat, run.output_dir, write_rejects=is_main_process())
+    log(describe_data(data.summary))
+    return StageInputs(run, tokenizer, resolved, added_pad, data)
+
+
+def check_rows_kept(trainer, data) -> None:
+    """TRL's preference trainers drop over-long rows without a word; every row was length-checked, so none may go."""
+    if len(trainer.train_dataset) != len(data.train):
+        raise StageError(f"the {type(trainer).__name__} kept {len(trainer.train_dataset)} of {len(data.train)} "
+                         "pairs; every pair should fit data.max_length after the length check")
 
 
 # --------------------------------------------------------------------------- training and finishing
