@@ -1,11 +1,16 @@
 """Rollout engine speed against a naive baseline, both measured in this run.
 
-    python tests/benchmarks/bench_rollout.py [--model packaged:smollm2-135m-instruct] [--dialogues 8] [--rounds 8]
+    python tests/benchmarks/bench_rollout.py [--model packaged:smollm2-135m-instruct] [--dialogues 16] [--rounds 8]
 
 Baseline: one dialogue at a time, the whole history re-encoded every round
 (`batch_size=1, reuse_cache=False`). Engine: all dialogues in one batch, the
 KV cache kept between rounds. Both play the same held-out dialogues greedily;
 the script prints generated tokens per second for each and the ratio.
+
+The default of 16 dialogues is the evaluator's default `batch_size`, so the engine
+runs as `dialogrl eval` runs it. Most of the gain is batching, and on a CPU it grows
+with the batch: one decode step of the packaged model over a 600-token cache took
+39 ms for 1 row, 80 ms for 8, 120 ms for 16 and 178 ms for 32 on 2 cores.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ def run(model, tokenizer, specs, rounds, max_new_tokens, *, batch_size, reuse_ca
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="packaged:smollm2-135m-instruct")
-    parser.add_argument("--dialogues", type=int, default=8)
+    parser.add_argument("--dialogues", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     args = parser.parse_args()
