@@ -14,7 +14,8 @@ middle of rows, always with attention mask 0. Position ids come from the
 cumulative attention mask (transformers does this in `generate`), so a row's
 positions are the same as if it had no padding at all. Tokens a row produces
 after its end-of-turn token (while other rows are still generating) are masked
-out the same way.
+out the same way. Before each round the masked positions are dropped from the
+rows and the cache (`_compact`), so they never pile up over the rounds.
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ class RolloutEngine:
         self.pad_id = self.generate_kwargs["pad_token_id"]
         self.tokens_generated = 0
         self.rows_set_aside = 0  # rows that left a round early (finished before the others)
+        self.positions_dropped = 0  # masked cache positions removed between rounds, summed over rows
         self._with_logprobs = False
 
     def play(self, dialogues: Sequence[DialogueSpec], rounds: int, *, with_tokens: bool = False) -> list[Trajectory]:
@@ -162,9 +164,48 @@ class RolloutEngine:
                 keep = torch.tensor([i for i, row in enumerate(in_cache) if row.active])
                 for layer in cache.layers:
                     layer.batch_select_indices(keep)
+            if cache is not None:
+                cache = self._compact(live, cache)
             cache = self._generate_round(live, cache, round_number)
             in_cache = live
         return [self._trajectory(row, with_tokens) for row in rows]
+
+    def _compact(self, rows: list[_Row], cache) -> Any:
+        """Drop masked positions (padding, tokens after a reply's end) from the rows and the cache.
+
+        By round 8 about half of every row is masked, and each masked position
+        costs as much as a real one in every later step: attention reads it and
+        `DynamicCache` copies the whole cache when it appends a token. Dropping
+        them changes nothing the model computes: position ids come from the
+        cumulative attention mask and RoPE is already applied to the cached keys.
+        Rows are left-padded again to the longest; the last token of a row is
+        kept whatever its mask, as it is not in the cache yet (generate feeds it).
+        """
+        import torch
+
+        kept = [[i for i in range(len(row.tokens) - 1) if row.attention[i]] for row in rows]
+        width = max(len(positions) for positions in kept)
+        if width == cache.layers[0].keys.shape[2]:
+            return cache  # nothing masked in the longest row: no shorter layout exists
+        self.positions_dropped += len(rows) * cache.layers[0].keys.shape[2] - sum(map(len, kept))
+        index = torch.zeros(len(rows), width, dtype=torch.long)
+        padding = torch.zeros(len(rows), width, dtype=torch.bool)
+        for b, (row, positions) in enumerate(zip(rows, kept, strict=True)):
+            pad = width - len(positions)
+            positions = positions + [len(row.tokens) - 1]
+            for name, filler in (("tokens", self.pad_id), ("attention", 0), ("generated", 0), ("turn", 0),
+                                 ("logprob", 0.0)):
+                values = getattr(row, name)
+                setattr(row, name, [filler] * pad + [values[i] for i in positions])
+            index[b, pad:] = torch.tensor(positions[:-1], dtype=torch.long)
+            padding[b, :pad] = True
+        for layer in cache.layers:
+            heads, dim = layer.keys.shape[1], layer.keys.shape[3]
+            gather = index.to(layer.keys.device)[:, None, :, None].expand(-1, heads, -1, dim)
+            blank = padding.to(layer.keys.device)[:, None, :, None]
+            layer.keys = torch.gather(layer.keys, 2, gather).masked_fill_(blank, 0.0)
+            layer.values = torch.gather(layer.values, 2, gather).masked_fill_(blank, 0.0)
+        return cache
 
     def _new_segment(self, row: _Row) -> str:
         """Template text from the end of what the row already holds to the new generation prompt."""
@@ -231,6 +272,10 @@ class RolloutEngine:
     def _generate_chunk(self, batch: list[_Row], cache, step: int):
         import torch
 
+        from dialogrl.evaluation.kv_cache import AppendInPlaceCache
+
+        if cache is None:
+            cache = AppendInPlaceCache()
         input_ids = torch.tensor([row.tokens for row in batch], device=self.model.device)
         attention = torch.tensor([row.attention for row in batch], device=self.model.device)
         context = contextlib.nullcontext()

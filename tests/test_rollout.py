@@ -42,7 +42,10 @@ def play(model, tokenizer, *, batch_size, reuse_cache, with_tokens=False, max_ne
 
 def test_batched_play_equals_one_at_a_time(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    batched = play(model, tokenizer, batch_size=3, reuse_cache=True, with_tokens=True)
+    engines = []
+    batched = play(model, tokenizer, batch_size=3, reuse_cache=True, with_tokens=True, engine_out=engines)
+    # Segments of different lengths pad the rows; the padding is dropped from the cache between rounds.
+    assert engines[0].positions_dropped > 0
     single = play(model, tokenizer, batch_size=1, reuse_cache=True, with_tokens=True)
     assert [t.messages for t in batched] == [t.messages for t in single]
     assert [t.token_ids for t in batched] == [t.token_ids for t in single]
@@ -81,6 +84,7 @@ def test_rows_that_finish_early_leave_the_batch_without_changing_anything(model_
         if chunked_engine.rows_set_aside:
             break
     assert chunked_engine.rows_set_aside > 0, "no row finished before the others: the test exercises nothing"
+    assert chunked_engine.positions_dropped > 0
     single = engine(extra_stop, batch_size=1).play(specs(), rounds=4, with_tokens=True)
     assert [t.messages for t in chunked] == [t.messages for t in single]
     assert [t.token_ids for t in chunked] == [t.token_ids for t in single]
