@@ -37,6 +37,17 @@ class AppendInPlaceLayer(DynamicLayer):
         self.values = self._value_buffer[..., :needed, :]
         return self.keys, self.values
 
+    def reserve(self, like: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start the layer as `length` zeroed positions shaped like `like` [B, H, *, D], with room to grow.
+
+        Returns the writable keys and values, for a caller that fills the cache itself.
+        """
+        self.lazy_initialization(like, like)
+        self._reallocate(0, like, length + max(self.min_spare, length // 2))
+        self.keys = self._key_buffer[..., :length, :].zero_()
+        self.values = self._value_buffer[..., :length, :].zero_()
+        return self.keys, self.values
+
     def _owns_current_tensors(self) -> bool:
         buffers = getattr(self, "_key_buffer", None), getattr(self, "_value_buffer", None)
         return all(

@@ -8,14 +8,15 @@ reply, the template's turn markers, the user turn, the generation prompt), so
 the cost grows about linearly with the number of rounds instead of
 re-encoding the whole history each time.
 
-Batch layout. Rows start left-padded; in later rounds every row's new tokens
-are left-padded to a common length and appended, so padding also sits in the
-middle of rows, always with attention mask 0. Position ids come from the
-cumulative attention mask (transformers does this in `generate`), so a row's
-positions are the same as if it had no padding at all. Tokens a row produces
-after its end-of-turn token (while other rows are still generating) are masked
-out the same way. Before each round the masked positions are dropped from the
-rows and the cache (`_compact`), so they never pile up over the rounds.
+Batch layout. Rows are lists of positions, padding has attention mask 0 and
+may sit anywhere in a row: position ids come from the cumulative attention
+mask (as in `generate`), so a row's positions are the same as if it had no
+padding. Each round, the new segments (turn markers, user turn, generation
+prompt) are run in groups of similar length before `generate` (`_prefill`);
+a row's gap to the widest group is padding just before its last token. Tokens a
+row produces after its end-of-turn token, while other rows are still generating,
+are masked the same way. Before the next round the masked positions are dropped
+from the rows and the cache (`_compact`), so they never pile up over the rounds.
 """
 
 from __future__ import annotations
@@ -121,6 +122,10 @@ class RolloutEngine:
         self.tokens_generated = 0
         self.rows_set_aside = 0  # rows that left a round early (finished before the others)
         self.positions_dropped = 0  # masked cache positions removed between rounds, summed over rows
+        # A forward pass costs about as much as this many extra padded tokens (weights read once per pass);
+        # `_length_groups` weighs it against the padding a group saves.
+        self.group_overhead_tokens = 32
+        self.prefill_groups = 0  # forward passes run by _prefill, over all rounds
         self._with_logprobs = False
 
     def play(self, dialogues: Sequence[DialogueSpec], rounds: int, *, with_tokens: bool = False) -> list[Trajectory]:
@@ -231,14 +236,8 @@ class RolloutEngine:
 
         segments = self.tokenizer([self._new_segment(row) for row in rows_in_batch], add_special_tokens=False)[
             "input_ids"]
-        width = max(len(s) for s in segments)
-        for row, segment in zip(rows_in_batch, segments, strict=True):
-            pad = width - len(segment)
-            row.tokens += [self.pad_id] * pad + segment
-            row.attention += [0] * pad + [1] * len(segment)
-            row.generated += [0] * width
-            row.turn += [0] * pad + [round_number] * len(segment)
-            row.logprob += [0.0] * width
+        cache = self._prefill(rows_in_batch, cache, segments, round_number)
+        for row in rows_in_batch:
             row.reply, row.reply_ended, row.turn_now = [], False, round_number
 
         pending = list(range(len(rows_in_batch)))  # indices of rows still generating, in cache order
@@ -268,6 +267,86 @@ class RolloutEngine:
             still_cached = [i for i in range(len(rows_in_batch)) if i not in set_aside]
             cache = self._merge_back(rows_in_batch, cache, still_cached, set_aside)
         return cache
+
+    def _prefill(self, rows: list[_Row], cache, segments: list[list[int]], round_number: int):
+        """Append each row's new segment and run the model over it, all but its last token (generate feeds that).
+
+        Padding every segment to the longest would make the model run over the
+        padding too, and the segments' lengths vary a lot (a greeting, a pasted
+        text, a system prompt with several rules). Rows are therefore run in
+        groups of similar length (`_length_groups`), each at its own width, and
+        the groups' caches are put together; a row's gap to the widest group is
+        masked padding just before its last token. Returns the cache of all rows.
+        """
+        import torch
+
+        from dialogrl.evaluation.kv_cache import AppendInPlaceCache
+
+        cached = len(rows[0].tokens) - 1 if rows[0].tokens else 0  # rows are of equal length after _compact
+        # What each row still has to run: its last token from before (not yet in the cache) and the segment.
+        to_run = [row.tokens[-1:] + segment[:-1] for row, segment in zip(rows, segments, strict=True)]
+        widest = max(len(tokens) for tokens in to_run)
+        group_caches = []
+        for group in _length_groups([len(tokens) for tokens in to_run], self.group_overhead_tokens):
+            width = max(len(to_run[i]) for i in group)
+            for i in group:
+                row = rows[i]
+                self._insert_padding(row, cached, width - len(to_run[i]))
+                self._append_prompt(row, segments[i][:-1], round_number)
+            batch = [rows[i] for i in group]
+            self.prefill_groups += 1
+            group_caches.append((group, width, self._run_group(batch, cache, group, cached)))
+        for row, segment in zip(rows, segments, strict=True):
+            self._insert_padding(row, len(row.tokens), cached + widest - len(row.tokens))
+            self._append_prompt(row, segment[-1:], round_number)
+
+        merged = AppendInPlaceCache()
+        for layer_index in range(len(group_caches[0][2].layers)):
+            layer = merged.layer_class_to_replicate()
+            like = group_caches[0][2].layers[layer_index].keys
+            keys, values = layer.reserve(like.new_empty((len(rows), *like.shape[1:])), cached + widest)
+            for group, width, group_cache in group_caches:
+                index = torch.tensor(group, device=like.device)
+                keys[index, :, : cached + width] = group_cache.layers[layer_index].keys
+                values[index, :, : cached + width] = group_cache.layers[layer_index].values
+            merged.layers.append(layer)
+        return merged
+
+    def _run_group(self, batch: list[_Row], cache, group: list[int], cached: int):
+        """Run the rows of one length group from position `cached` on; returns their cache."""
+        import torch
+        from transformers.cache_utils import DynamicCache
+
+        device = self.model.device
+        group_cache = DynamicCache()
+        if cache is not None:
+            index = torch.tensor(group, device=device)
+            group_cache = DynamicCache([(layer.keys[index], layer.values[index]) for layer in cache.layers])
+        input_ids = torch.tensor([row.tokens for row in batch], device=device)
+        attention = torch.tensor([row.attention for row in batch], device=device)
+        # As generate does: positions count real tokens only, so padding anywhere leaves them unchanged.
+        positions = (attention.cumsum(-1) - 1).masked_fill_(attention == 0, 1)
+        context = contextlib.nullcontext()
+        if self.generation_context:
+            context = self.generation_context(self.model, input_ids, attention,
+                                              [self._system_length(row) for row in batch])
+        with torch.inference_mode(), context:
+            self.model(input_ids=input_ids[:, cached:], attention_mask=attention, position_ids=positions[:, cached:],
+                       past_key_values=group_cache, use_cache=True, logits_to_keep=1)
+        return group_cache
+
+    def _insert_padding(self, row: _Row, position: int, count: int) -> None:
+        for name, filler in (("tokens", self.pad_id), ("attention", 0), ("generated", 0), ("turn", 0),
+                             ("logprob", 0.0)):
+            getattr(row, name)[position:position] = [filler] * count
+
+    @staticmethod
+    def _append_prompt(row: _Row, tokens: list[int], round_number: int) -> None:
+        row.tokens += tokens
+        row.attention += [1] * len(tokens)
+        row.generated += [0] * len(tokens)
+        row.turn += [round_number] * len(tokens)
+        row.logprob += [0.0] * len(tokens)
 
     def _generate_chunk(self, batch: list[_Row], cache, step: int):
         import torch
@@ -376,3 +455,26 @@ class RolloutEngine:
             trajectory.turn_index = [row.turn[i] for i in keep]
             trajectory.logprobs = [row.logprob[i] for i in keep]
         return trajectory
+
+
+def _length_groups(lengths: list[int], overhead: float) -> list[list[int]]:
+    """Split rows into groups that each run at their longest length, at least total cost.
+
+    The cost of a group is its size times its longest length (the tokens the
+    model runs, padding included) plus `overhead` per group. Groups are runs of
+    the rows sorted by length; the best split comes from a dynamic programme
+    over the split points (O(n^2), n = rows in the batch). Returns row indices.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    best = [0.0] + [float("inf")] * len(order)  # best[j]: least cost of the first j rows in `order`
+    start_of_last = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * lengths[order[j - 1]] + overhead
+            if cost < best[j]:
+                best[j], start_of_last[j] = cost, i
+    groups, j = [], len(order)
+    while j > 0:
+        groups.append(sorted(order[start_of_last[j]: j]))
+        j = start_of_last[j]
+    return groups[::-1]

@@ -32,9 +32,11 @@ def specs():
 
 
 def play(model, tokenizer, *, batch_size, reuse_cache, with_tokens=False, max_new_tokens=12, chunk_tokens=16,
-         engine_out=None):
+         engine_out=None, group_overhead_tokens=None):
     engine = RolloutEngine(model, tokenizer, SamplingConfig(max_new_tokens=max_new_tokens), batch_size=batch_size,
                            reuse_cache=reuse_cache, chunk_tokens=chunk_tokens)
+    if group_overhead_tokens is not None:
+        engine.group_overhead_tokens = group_overhead_tokens
     if engine_out is not None:
         engine_out.append(engine)
     return engine.play(specs(), rounds=4, with_tokens=with_tokens)
@@ -51,6 +53,55 @@ def test_batched_play_equals_one_at_a_time(model_and_tokenizer):
     assert [t.token_ids for t in batched] == [t.token_ids for t in single]
     assert [t.rounds for t in batched] == [4, 3, 4]
     assert batched[0].messages[3]["content"].startswith("From now on call me Sam. ")
+
+
+def test_prefill_in_length_groups_equals_one_at_a_time(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engines = []
+    # No cost per forward pass: every distinct segment length becomes its own group.
+    grouped = play(model, tokenizer, batch_size=3, reuse_cache=True, with_tokens=True, engine_out=engines,
+                   group_overhead_tokens=0)
+    assert engines[0].prefill_groups > 4  # more groups than rounds: some round ran its rows in 2+ groups
+    single = play(model, tokenizer, batch_size=1, reuse_cache=True, with_tokens=True)
+    assert [t.messages for t in grouped] == [t.messages for t in single]
+    assert [t.token_ids for t in grouped] == [t.token_ids for t in single]
+
+
+def test_split_softmax_through_the_engine_is_the_same_batched_or_alone(model_and_tokenizer):
+    """The intervention sees each call's own layout (groups, padding, cache) and still marks the same keys."""
+    from dialogrl.evaluation.interventions import SplitSoftmaxConfig, split_softmax, system_span_mask
+
+    model, tokenizer = model_and_tokenizer
+
+    def context(model, input_ids, attention_mask, system_lengths):
+        return split_softmax(model, system_span_mask(input_ids, attention_mask, system_lengths),
+                             SplitSoftmaxConfig(k=0.3))
+
+    def played(batch_size):
+        engine = RolloutEngine(model, tokenizer, SamplingConfig(max_new_tokens=12), batch_size=batch_size,
+                               generation_context=context)
+        engine.group_overhead_tokens = 0
+        return engine.play(specs(), rounds=4, with_tokens=True)
+
+    steered, single = played(3), played(1)
+    assert [t.token_ids for t in steered] == [t.token_ids for t in single]
+    plain = play(model, tokenizer, batch_size=3, reuse_cache=True, with_tokens=True)
+    assert [t.token_ids for t in steered] != [t.token_ids for t in plain]  # the intervention changed something
+
+
+@pytest.mark.parametrize(("lengths", "overhead", "expected"), [
+    # Apart: two groups cost 3*7 + 3*80 + 2*32 = 325 < one group 6*80 + 32 = 512.
+    ([5, 80, 6, 70, 7, 75], 32, [[0, 2, 4], [1, 3, 5]]),
+    # Close: one group costs 3*12 + 32 = 68 < any split (two groups: at least 10 + 2*12 + 64 = 98).
+    ([10, 11, 12], 32, [[0, 1, 2]]),
+    # Free forward passes: one group per distinct length, equal lengths together.
+    ([4, 9, 4], 0, [[0, 2], [1]]),
+    ([3], 32, [[0]]),
+])
+def test_length_groups_minimise_padded_tokens_plus_overhead(lengths, overhead, expected):
+    from dialogrl.evaluation.rollout import _length_groups
+
+    assert _length_groups(lengths, overhead) == expected
 
 
 def test_cached_play_equals_reencoding_while_the_history_is_the_same(model_and_tokenizer):
