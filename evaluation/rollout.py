@@ -178,10 +178,10 @@ class RolloutEngine:
     def _compact(self, rows: list[_Row], cache) -> Any:
         """Drop masked positions (padding, tokens after a reply's end) from the rows and the cache.
 
-        By round 8 about half of every row is masked, and each masked position
-        costs as much as a real one in every later step: attention reads it and
-        `DynamicCache` copies the whole cache when it appends a token. Dropping
-        them changes nothing the model computes: position ids come from the
+        Masked positions pile up round after round (each round's padding and the
+        tail of every reply that ended early), and each costs as much as a real
+        one in every later step: attention reads it and the cache holds it.
+        Dropping them changes nothing the model computes: position ids come from the
         cumulative attention mask and RoPE is already applied to the cached keys.
         Rows are left-padded again to the longest; the last token of a row is
         kept whatever its mask, as it is not in the cache yet (generate feeds it).

@@ -8,10 +8,8 @@ KV cache kept between rounds. Both play the same held-out dialogues greedily;
 the script prints generated tokens per second for each and the ratio.
 
 The default of 16 dialogues is the evaluator's default `batch_size`, so the engine
-runs as `dialogrl eval` runs it. Measured on 2 CPU cores: 3.76x at 8 dialogues, 4.21x at
-16 and 4.21x at 32. A bare decode step over a 600-token cache still gets cheaper per
-row past 16 (39 ms for 1 row, 80 ms for 8, 120 ms for 16, 178 ms for 32), so the
-plateau comes from the engine's work outside decode, not from the model.
+runs as `dialogrl eval` runs it. Measured on 2 idle CPU cores: 4.94x at 16 dialogues and
+5.25x at 32 (94.0 and 104.5 tokens/s against 19.1 and 19.9 for the baseline).
 """
 
 from __future__ import annotations
