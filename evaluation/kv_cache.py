@@ -30,20 +30,21 @@ class AppendInPlaceLayer(DynamicLayer):
         length = self.keys.shape[-2] if self.keys.dim() == 4 else 0
         needed = length + key_states.shape[-2]
         if not self._owns_current_tensors() or self._key_buffer.shape[-2] < needed:
-            self._reallocate(length, key_states, needed + max(self.min_spare, needed // 2))
+            self._reallocate(length, key_states.shape[0], key_states, needed + max(self.min_spare, needed // 2))
         self._key_buffer[..., length:needed, :] = key_states
         self._value_buffer[..., length:needed, :] = value_states
         self.keys = self._key_buffer[..., :needed, :]
         self.values = self._value_buffer[..., :needed, :]
         return self.keys, self.values
 
-    def reserve(self, like: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Start the layer as `length` zeroed positions shaped like `like` [B, H, *, D], with room to grow.
+    def reserve(self, batch: int, length: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start the layer as `batch` rows of `length` zeroed positions, with room to grow.
 
-        Returns the writable keys and values, for a caller that fills the cache itself.
+        `like` [*, H, *, D] gives the heads, head size, dtype and device. Returns the
+        writable keys and values, for a caller that fills the cache itself.
         """
         self.lazy_initialization(like, like)
-        self._reallocate(0, like, length + max(self.min_spare, length // 2))
+        self._reallocate(0, batch, like, length + max(self.min_spare, length // 2))
         self.keys = self._key_buffer[..., :length, :].zero_()
         self.values = self._value_buffer[..., :length, :].zero_()
         return self.keys, self.values
@@ -56,8 +57,8 @@ class AppendInPlaceLayer(DynamicLayer):
             for tensor, buffer in zip((self.keys, self.values), buffers, strict=True)
         )
 
-    def _reallocate(self, length: int, like: torch.Tensor, capacity: int) -> None:
-        batch, heads, _, dim = like.shape
+    def _reallocate(self, length: int, batch: int, like: torch.Tensor, capacity: int) -> None:
+        heads, dim = like.shape[1], like.shape[3]
         key_buffer = like.new_empty((batch, heads, capacity, dim))
         value_buffer = like.new_empty((batch, heads, capacity, dim))
         if length:

@@ -122,7 +122,7 @@ class RolloutEngine:
         self.tokens_generated = 0
         self.rows_set_aside = 0  # rows that left a round early (finished before the others)
         self.positions_dropped = 0  # masked cache positions removed between rounds, summed over rows
-        # A forward pass costs about as much as this many extra padded tokens (weights read once per pass);
+        # What one more forward pass is taken to cost, in padded tokens (an estimate, not tuned);
         # `_length_groups` weighs it against the padding a group saves.
         self.group_overhead_tokens = 32
         self.prefill_groups = 0  # forward passes run by _prefill, over all rounds
@@ -198,8 +198,7 @@ class RolloutEngine:
         for b, (row, positions) in enumerate(zip(rows, kept, strict=True)):
             pad = width - len(positions)
             positions = positions + [len(row.tokens) - 1]
-            for name, filler in (("tokens", self.pad_id), ("attention", 0), ("generated", 0), ("turn", 0),
-                                 ("logprob", 0.0)):
+            for name, filler in self._row_fields():
                 values = getattr(row, name)
                 setattr(row, name, [filler] * pad + [values[i] for i in positions])
             index[b, pad:] = torch.tensor(positions[:-1], dtype=torch.long)
@@ -304,7 +303,7 @@ class RolloutEngine:
         for layer_index in range(len(group_caches[0][2].layers)):
             layer = merged.layer_class_to_replicate()
             like = group_caches[0][2].layers[layer_index].keys
-            keys, values = layer.reserve(like.new_empty((len(rows), *like.shape[1:])), cached + widest)
+            keys, values = layer.reserve(len(rows), cached + widest, like)
             for group, width, group_cache in group_caches:
                 index = torch.tensor(group, device=like.device)
                 keys[index, :, : cached + width] = group_cache.layers[layer_index].keys
@@ -335,9 +334,12 @@ class RolloutEngine:
                        past_key_values=group_cache, use_cache=True, logits_to_keep=1)
         return group_cache
 
+    def _row_fields(self) -> tuple[tuple[str, Any], ...]:
+        """The per-position lists of a row, with the value a padding position holds in each."""
+        return ("tokens", self.pad_id), ("attention", 0), ("generated", 0), ("turn", 0), ("logprob", 0.0)
+
     def _insert_padding(self, row: _Row, position: int, count: int) -> None:
-        for name, filler in (("tokens", self.pad_id), ("attention", 0), ("generated", 0), ("turn", 0),
-                             ("logprob", 0.0)):
+        for name, filler in self._row_fields():
             getattr(row, name)[position:position] = [filler] * count
 
     @staticmethod
@@ -351,10 +353,6 @@ class RolloutEngine:
     def _generate_chunk(self, batch: list[_Row], cache, step: int):
         import torch
 
-        from dialogrl.evaluation.kv_cache import AppendInPlaceCache
-
-        if cache is None:
-            cache = AppendInPlaceCache()
         input_ids = torch.tensor([row.tokens for row in batch], device=self.model.device)
         attention = torch.tensor([row.attention for row in batch], device=self.model.device)
         context = contextlib.nullcontext()
@@ -403,12 +401,7 @@ class RolloutEngine:
 
         length = max(len(row.tokens) for row in rows)
         for row in rows:
-            missing = length - len(row.tokens)
-            if missing:
-                for name, filler in (("tokens", self.pad_id), ("attention", 0), ("generated", 0), ("turn", 0),
-                                     ("logprob", 0.0)):
-                    values = getattr(row, name)
-                    values[-1:-1] = [filler] * missing
+            self._insert_padding(row, len(row.tokens) - 1, length - len(row.tokens))
         in_cache = {i: j for j, i in enumerate(still_cached)}
         for layer_index, layer in enumerate(cache.layers):
             merged_keys, merged_values = [], []
