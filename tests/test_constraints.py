@@ -46,9 +46,11 @@ CASES = [
     ("lowercase", {}, "", True),
     ("lowercase", {}, "Hello there.", False),
     ("lowercase", {}, "all small but one ÜBER", False),
+    ("lowercase", {}, "ǅemal", False),  # a titlecase letter is not lowercase
     ("uppercase", {}, "HELLO THERE 42!", True),
     ("uppercase", {}, "HELLO there", False),
     ("uppercase", {}, "STRAßE", False),
+    ("uppercase", {}, "ǅEMAL", False),  # nor uppercase
     ("capitalised_sentences", {}, "Hello there. How are you? Fine!", True),
     ("capitalised_sentences", {}, "42 apples are here. 中文 works too.", True),
     ("capitalised_sentences", {}, "Hello there. how are you?", False),
@@ -112,6 +114,7 @@ CASES = [
     ("json_object", {}, "[" * 100_000, False),  # too deep for the parser: fails, does not raise
     ("bullet_list", {"n": 3}, "- a\n- b\n* c", True),
     ("bullet_list", {"n": 3}, "Intro:\n- a\n- b\n- c", True),
+    ("bullet_list", {"n": 3}, "Intro:\r\n- a\r\n- b\r\n- c\r\n", True),
     ("bullet_list", {"n": 3}, "- a\n- b", False),
     ("bullet_list", {"n": 3}, "**bold**\n- a\n- b", False),
     ("bullet_list", {"n": 3}, "-a\n-b\n-c", False),
@@ -120,16 +123,25 @@ CASES = [
     ("quoted", {}, "“Hello”", False),
     ("quoted", {}, '"', False),
     ("title", {}, "<<My Title>>\nBody text.", True),
+    ("title", {}, "# <<My Title>>\nBody text.", True),
+    ("title", {}, "<<My Title>>\r\nBody text.", True),
+    ("title", {}, "## <<>>\nBody text.", False),
     ("title", {}, "<<>>\nBody text.", False),
     ("title", {}, "Body text.\n<<Title>>", False),
     ("title", {}, "<<Title>> and more", False),
     ("sections", {"n": 2}, "SECTION 1\nIntro.\nSECTION 2\nMore.", True),
     ("sections", {"n": 2}, "section 1: intro\n\nsection 2\nmore", True),
+    ("sections", {"n": 2}, "## SECTION 1\nIntro.\n\n### SECTION 2\nMore.", True),
+    ("sections", {"n": 2}, "SECTION 1\r\nIntro.\r\n\r\nSECTION 2\r\nMore.", True),
+    ("sections", {"n": 2}, "## SECTION 1\n## SECTION 2\nMore.", False),  # section 1 is empty
     ("sections", {"n": 2}, "SECTION 1\nIntro.", False),
     ("sections", {"n": 2}, "SECTION 1\nIntro.\nSECTION 3\nMore.", False),
     ("sections", {"n": 2}, "SECTION 1\nSECTION 2\nMore.", False),  # section 1 is empty
     ("postscript", {}, "Hello.\n\nP.S. See you soon.", True),
     ("postscript", {}, "P.S. Only a note.", True),
+    ("postscript", {}, "Hello.\nP.S. See you soon.", True),
+    ("postscript", {}, "Hello.\r\n\r\nP.S. See you soon.", True),
+    ("postscript", {}, "Hello.\r\n\r\nP.S. Early.\r\n\r\nThen the body.", False),
     ("postscript", {}, "Hello.\n\nP.S.", False),
     ("postscript", {}, "P.S. Early.\n\nThen the body.", False),
     ("no_digits", {}, "Twenty-one apples.", True),
@@ -193,6 +205,8 @@ CASES = [
     ("user_end_with", {"phrase": "take care"}, "See you. Take care!", True),
     ("user_end_with", {"phrase": "take care"}, "see you, take care 😀", True),
     ("user_end_with", {"phrase": "take care"}, "Take care of yourself.", False),
+    ("user_end_with", {"phrase": "take care"}, "Take, care.", False),
+    ("user_end_with", {"phrase": "take care"}, "Mistake care.", False),
     ("user_no_emoji", {}, "Thanks.", True),
     ("user_no_emoji", {}, "Thanks 😀", False),
     ("user_no_emoji", {}, "Sunny ☀", False),
@@ -237,6 +251,38 @@ def test_loose_but_not_strict(name, params, reply):
 def test_loose_does_not_forgive_a_violation_in_the_middle():
     verdict = rule("lowercase").check("fine\nNot Fine\nfine")
     assert (verdict.strict, verdict.loose) == (False, False)
+
+
+# One-line replies that break a "must not" rule: dropping the line (or stripping the markdown
+# that is all there is) leaves nothing, and nothing must not count as complying.
+@pytest.mark.parametrize(
+    ("name", "params", "reply"),
+    [
+        ("lowercase", {}, "Hello there."),
+        ("uppercase", {}, "HELLO there"),
+        ("no_commas", {}, "One, two."),
+        ("forbid_word", {"word": "very"}, "That is very good."),
+        ("max_words", {"n": 3}, "one two three four"),
+        ("no_digits", {}, "21 apples"),
+        ("user_vegetarian", {}, "Try chicken soup.\n"),
+        ("no_markdown", {}, "**"),
+    ],
+)
+def test_loose_does_not_pass_a_one_line_reply_by_emptying_it(name, params, reply):
+    verdict = rule(name, **params).check(reply)
+    assert (verdict.strict, verdict.loose) == (False, False)
+
+
+def test_loose_variants_are_never_empty():
+    assert C.loose_variants("Hello there.") == ["Hello there."]
+    assert C.loose_variants("**Hi**\n") == ["**Hi**", "Hi"]
+    assert C.loose_variants(" \n\t") == []
+
+
+def test_an_empty_reply_keeps_its_strict_verdict_in_loose_mode():
+    assert rule("lowercase").check("") == Verdict(True, True, 1.0)
+    assert rule("max_words", n=5).check(" \n ") == Verdict(True, True, 1.0)
+    assert not rule("include_word", word="river").check(" \n ").loose
 
 
 @pytest.mark.parametrize(
@@ -302,6 +348,23 @@ def test_verdict_rejects_inconsistent_values():
         ("title", {}, "the answer is no", "<<The Answer Is No>>\nthe answer is no"),
         ("sections", {"n": 2}, "One. Two. Three.", "SECTION 1\nOne. Two.\n\nSECTION 2\nThree."),
         ("bullet_list", {"n": 3}, "Only one sentence here", "- Only.\n- one.\n- sentence here."),
+        # a P.S. stays the postscript even without a blank line before it
+        (
+            "bullet_list",
+            {"n": 3},
+            "One. Two. Three.\nP.S. Bye now.",
+            "- One.\n- Two.\n- Three.\n\nP.S. Bye now.",
+        ),
+        # a "## SECTION 1" header is replaced, not kept as body text
+        (
+            "sections",
+            {"n": 2},
+            "## SECTION 1\nIntro. More.",
+            "SECTION 1\nIntro.\n\nSECTION 2\nMore.",
+        ),
+        ("lowercase", {}, "ǅemal", "ǆemal"),
+        ("uppercase", {}, "ǅemal", "ǄEMAL"),
+        ("user_end_with", {"phrase": "take care"}, "Take, care.", "Take, care. Take care."),
     ],
 )
 def test_rewrite_examples(name, params, reply, expected):

@@ -199,14 +199,16 @@ def strip_markdown(text: str) -> str:
 def loose_variants(reply: str) -> list[str]:
     """The reply as is, without its first line, last line or both, each also with markdown stripped.
 
-    The first element is the reply itself (whitespace-stripped); duplicates are dropped.
+    The first element is the reply itself (whitespace-stripped); duplicates are dropped, and so
+    are empty variants: unlike IFEval, a one-line reply must not pass every "must not" rule by
+    losing its only line (most replies are one line, so that would inflate loose numbers).
     """
     lines = reply.split("\n")
     bases = [reply, "\n".join(lines[1:]), "\n".join(lines[:-1]), "\n".join(lines[1:-1])]
     variants: list[str] = []
     for base in bases:
         for variant in (base.strip(), strip_markdown(base).strip()):
-            if variant not in variants:
+            if variant and variant not in variants:
                 variants.append(variant)
     return variants
 

@@ -11,43 +11,54 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .base import STAGE_CASE, STAGE_CHARACTERS, ConstraintType
-from .text import LETTER_WORD_RE, first_alnum_index, sentence_spans, to_lowercase, to_uppercase
+from .text import (
+    LETTER_WORD_RE,
+    first_alnum_index,
+    is_titlecase,
+    sentence_spans,
+    to_lowercase,
+    to_uppercase,
+)
 
 # --------------------------------------------------------------------------- case
 
 
-def _cased(text: str) -> tuple[int, int]:
-    """(uppercase letters, lowercase letters) in `text`."""
-    upper = lower = 0
+def _cased(text: str) -> tuple[int, int, int]:
+    """(uppercase letters, lowercase letters, titlecase letters) in `text`."""
+    upper = lower = title = 0
     for ch in text:
         if ch.isupper():
             upper += 1
         elif ch.islower():
             lower += 1
-    return upper, lower
+        elif is_titlecase(ch):
+            title += 1
+    return upper, lower, title
 
 
 class Lowercase(ConstraintType):
-    """No uppercase letter anywhere. Score: share of cased letters that are lowercase."""
+    """No uppercase or titlecase letter anywhere. Score: share of cased letters that are lowercase."""
 
     stage = STAGE_CASE
 
     def check_strict(self, reply: str, params: Mapping[str, Any]) -> tuple[bool, float]:
-        upper, lower = _cased(reply)
-        return upper == 0, (lower / (upper + lower) if upper + lower else 1.0)
+        upper, lower, title = _cased(reply)
+        cased = upper + lower + title
+        return upper + title == 0, (lower / cased if cased else 1.0)
 
     def rewrite(self, reply: str, params: Mapping[str, Any]) -> str:
         return reply if self.check_strict(reply, params)[0] else to_lowercase(reply)
 
 
 class Uppercase(ConstraintType):
-    """No lowercase letter anywhere. Score: share of cased letters that are uppercase."""
+    """No lowercase or titlecase letter anywhere. Score: share of cased letters that are uppercase."""
 
     stage = STAGE_CASE
 
     def check_strict(self, reply: str, params: Mapping[str, Any]) -> tuple[bool, float]:
-        upper, lower = _cased(reply)
-        return lower == 0, (upper / (upper + lower) if upper + lower else 1.0)
+        upper, lower, title = _cased(reply)
+        cased = upper + lower + title
+        return lower + title == 0, (upper / cased if cased else 1.0)
 
     def rewrite(self, reply: str, params: Mapping[str, Any]) -> str:
         return reply if self.check_strict(reply, params)[0] else to_uppercase(reply)
@@ -105,7 +116,7 @@ class NoShouting(ConstraintType):
 
     @staticmethod
     def _shouting(word: str) -> bool:
-        upper, lower = _cased(word)
+        upper, lower, _title = _cased(word)
         return upper >= 2 and lower == 0
 
     def check_strict(self, reply: str, params: Mapping[str, Any]) -> tuple[bool, float]:

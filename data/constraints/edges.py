@@ -66,6 +66,7 @@ class EndWithWords(ConstraintType):
     """The last words are `phrase` (any case); punctuation or emoji after them is fine ("Cheers!").
 
     Looser than `EndWith` on purpose: it is what a user means by "end every message with 'cheers'".
+    Only whitespace may separate the phrase's words, though: "Take, care." is not "take care".
     """
 
     stage = STAGE_EDGES
@@ -73,10 +74,17 @@ class EndWithWords(ConstraintType):
     def sample_params(self, rng) -> dict[str, Any]:
         return {"phrase": rng.choice(USER_END_PHRASES)}
 
+    @staticmethod
+    def _pattern(phrase: str) -> re.Pattern[str] | None:
+        wanted = words(phrase)
+        if not wanted:
+            return None
+        body = r"\s+".join(map(re.escape, wanted))
+        return re.compile(rf"(?<![^\W_]){body}[\W_]*\Z", re.IGNORECASE)
+
     def check_strict(self, reply: str, params: Mapping[str, Any]) -> tuple[bool, float]:
-        wanted = [w.casefold() for w in words(params["phrase"])]
-        tail = [w.casefold() for w in words(reply)[-len(wanted) :]] if wanted else []
-        return tail == wanted, 0.0
+        pattern = self._pattern(params["phrase"])
+        return pattern is None or pattern.search(reply) is not None, 0.0
 
     def rewrite(self, reply: str, params: Mapping[str, Any]) -> str:
         if self.check_strict(reply, params)[0]:

@@ -15,39 +15,49 @@ from .base import STAGE_STRUCTURE, STAGE_WRAP, ConstraintType
 from .text import FILLERS, WORD_RE, cycle_pick, ends_sentence, sentences, words
 from .vocab import POSTSCRIPTS
 
-_TITLE = re.compile(r"<<([^<>\n]*)>>")
-_PS = re.compile(r"P\.\s?S\.(.*)", re.IGNORECASE | re.DOTALL)
-_BLANK = re.compile(r"\n[ \t]*\n")
+# Models often write a title or a section header as a markdown heading ("# <<Title>>", "## SECTION 1").
+_HEADING = r"(?:#+[ \t]*)?"
+_TITLE = re.compile(_HEADING + r"<<([^<>\n]*)>>")
+_PS = re.compile(r'(?im)^[ \t]*"?P\.[ \t]?S\.')
+# Lines may end in "\r\n" (CRLF): a blank line between two of them is "\r\n\r\n".
+_BLANK = re.compile(r"\r?\n[ \t]*\r?\n")
 _BULLET = re.compile(r"(?m)^[ \t]*[-*][ \t]+\S")
-_SECTION = re.compile(r"(?im)^[ \t]*SECTION[ \t]+([0-9]+)\b")
+_SECTION = re.compile(r"(?im)^[ \t]*" + _HEADING + r"SECTION[ \t]+([0-9]+)\b")
+# A section header comes before the bare heading mark, so that "## SECTION 1" is removed whole.
 _MARKER = re.compile(
-    r"^(?:[-*+•][ \t]+|[0-9]+[.)][ \t]+|#+[ \t]*|SECTION[ \t]+[0-9]+\b[ \t]*[:.\-–—]?[ \t]*)", re.IGNORECASE
+    r"^(?:[-*+•][ \t]+|[0-9]+[.)][ \t]+|"
+    + _HEADING
+    + r"SECTION[ \t]+[0-9]+\b[ \t]*[:.\-–—]?[ \t]*|#+[ \t]*)",
+    re.IGNORECASE,
 )
 
 
-def _last_paragraph(text: str) -> tuple[str, str]:
-    """(everything before the last blank line, the last paragraph)."""
+def _postscript_start(text: str) -> int | None:
+    """Where the postscript of `text` starts: a line of its last paragraph opening with "P.S." and some text after.
+
+    A P.S. need not be set off by a blank line: "Thanks.\nP.S. See you." ends with a postscript too.
+    """
     blanks = list(_BLANK.finditer(text))
-    if not blanks:
-        return "", text
-    return text[: blanks[-1].start()], text[blanks[-1].end() :]
-
-
-def _is_postscript(paragraph: str) -> bool:
-    m = _PS.match(paragraph.strip().lstrip('"'))
-    return bool(m) and WORD_RE.search(m.group(1)) is not None
+    last_paragraph = blanks[-1].end() if blanks else 0
+    for m in _PS.finditer(text, last_paragraph):
+        if WORD_RE.search(text, m.end()):
+            return m.start()
+    return None
 
 
 def split_frame(text: str) -> tuple[str, str, str]:
-    """(title line or "", body, postscript paragraph or "")."""
+    """(title line or "", body, postscript or "")."""
     text = text.strip()
     head = ""
     first, _, rest = text.partition("\n")
     if _TITLE.fullmatch(first.strip()):
         head, text = first.strip(), rest.strip()
-    before, last = _last_paragraph(text)
+    at = _postscript_start(text)
+    if at is None:
+        return head, text, ""
+    before, last = text[:at], text[at:]
     # A "postscript" holding list items or section headers is body text, or they would be miscounted.
-    if before.strip() and _is_postscript(last) and not _BULLET.search(last) and not _SECTION.search(last):
+    if before.strip() and not _BULLET.search(last) and not _SECTION.search(last):
         return head, before.strip(), last.strip()
     return head, text, ""
 
@@ -151,7 +161,7 @@ class Quoted(ConstraintType):
 
 
 class Title(ConstraintType):
-    """The first line is a title in double angular brackets, <<like this>>, with at least one word."""
+    """The first line is a title in double angular brackets, <<like this>>, with at least one word (after "#"s, if any)."""
 
     stage = STAGE_STRUCTURE
 
@@ -171,7 +181,7 @@ class Title(ConstraintType):
 
 
 class Sections(ConstraintType):
-    """Exactly `n` sections headed "SECTION 1" ... "SECTION n" (in order, each with some text)."""
+    """Exactly `n` sections headed "SECTION 1" ... "SECTION n" (in order, each with some text; "## SECTION 1" counts)."""
 
     stage = STAGE_STRUCTURE
 
@@ -200,12 +210,12 @@ class Sections(ConstraintType):
 
 
 class Postscript(ConstraintType):
-    """The last paragraph is a postscript starting "P.S." followed by some text."""
+    """The reply ends with a postscript: a line of its last paragraph starts with "P.S." and some text follows."""
 
     stage = STAGE_STRUCTURE
 
     def check_strict(self, reply: str, params: Mapping[str, Any]) -> tuple[bool, float]:
-        return _is_postscript(_last_paragraph(reply.strip())[1]), 0.0
+        return _postscript_start(reply.strip()) is not None, 0.0
 
     def rewrite(self, reply: str, params: Mapping[str, Any]) -> str:
         if self.check_strict(reply, params)[0]:

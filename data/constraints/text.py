@@ -127,9 +127,26 @@ def is_shape_line(line: str) -> bool:
 # --------------------------------------------------------------------------- case
 
 
+def is_titlecase(ch: str) -> bool:
+    """A titlecase letter ('ǅ', 'ᾼ'): neither upper nor lower case, so it breaks both all-lowercase and all-caps."""
+    return unicodedata.category(ch) == "Lt"
+
+
+def _is_cased(ch: str) -> bool:
+    return ch.isupper() or ch.islower() or is_titlecase(ch)
+
+
+def _breaks_lowercase(ch: str) -> bool:
+    return ch.isupper() or is_titlecase(ch)
+
+
+def _breaks_uppercase(ch: str) -> bool:
+    return ch.islower() or is_titlecase(ch)
+
+
 def _mapped(ch: str, lower: bool) -> str:
-    """`ch` lowercased (or uppercased); "" if no mapping gets rid of the opposite case (e.g. 'ª', 'ℂ' -> 'c')."""
-    wrong = str.isupper if lower else str.islower
+    """`ch` lowercased (or uppercased); "" if no mapping gets rid of the other cases (e.g. 'ª', 'ℂ' -> 'c')."""
+    wrong = _breaks_lowercase if lower else _breaks_uppercase
     for candidate in (ch, unicodedata.normalize("NFKC", ch)):
         out = candidate.lower() if lower else candidate.upper()
         if not any(wrong(c) for c in out):
@@ -138,11 +155,11 @@ def _mapped(ch: str, lower: bool) -> str:
 
 
 def to_lowercase(text: str) -> str:
-    return "".join(_mapped(ch, True) if ch.isupper() or ch.islower() else ch for ch in text)
+    return "".join(_mapped(ch, True) if _is_cased(ch) else ch for ch in text)
 
 
 def to_uppercase(text: str) -> str:
-    return "".join(_mapped(ch, False) if ch.isupper() or ch.islower() else ch for ch in text)
+    return "".join(_mapped(ch, False) if _is_cased(ch) else ch for ch in text)
 
 
 def first_alnum_index(text: str, start: int = 0, end: int | None = None) -> int | None:
