@@ -2,8 +2,9 @@
 
 `evaluate_model` is what `dialogrl eval` and the pipeline call. For each
 scenario it plays R rounds with the rollout engine (the model's own replies
-stay in the history), gates every reply, checks it against every rule standing
-at that round (strict and loose), and returns one verdict record per dialogue
+stay in the history), then judges every reply (`verdicts.judge`: the
+dialogue-aware gate, responsiveness under the fixed scorer, every rule standing
+at that round, strict and loose) and returns one verdict record per dialogue
 in the shape `metrics.summarise` reads.
 
 Interventions run in the same harness:
@@ -15,15 +16,18 @@ Interventions run in the same harness:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from dialogrl.data.options import option
 from dialogrl.evaluation.gate import GateConfig, check_gate
+from dialogrl.evaluation.responsiveness import ResponsivenessConfig, ResponsivenessScorer
 from dialogrl.evaluation.rollout import DialogueSpec, RolloutEngine, Trajectory
 from dialogrl.evaluation.sampling import SamplingConfig
 from dialogrl.evaluation.scenarios import Scenario, ScenarioConfig
 from dialogrl.evaluation.users import PressureUser, ReplayedUser, SimulatedUser
+from dialogrl.evaluation.verdicts import DialogueToJudge, judge, rule_checks
 
 INTERVENTIONS = ("none", "repeat_rules", "split_softmax")
 REMINDER = "(Reminder of your instructions: {rules})"
@@ -45,6 +49,10 @@ class EvalConfig:
         default_factory=lambda: SamplingConfig(max_new_tokens=96), help="How replies are decoded (greedy by default)."
     )
     gate: GateConfig = option(default_factory=GateConfig, help="The quality gate every reply must pass to count.")
+    responsiveness: ResponsivenessConfig = option(
+        default_factory=ResponsivenessConfig,
+        help="The fixed scorer that decides whether a reply answers its user turn (part of the gate).",
+    )
     split_softmax: SplitSoftmaxOptions = option(
         default_factory=SplitSoftmaxOptions, help="Settings of the split_softmax intervention."
     )
@@ -72,27 +80,23 @@ def dialogue_specs(scenarios: list[Scenario], intervention: str, simulated_user=
 
 def standing_checks(scenario: Scenario, round_number: int, reply: str) -> list[dict[str, Any]]:
     """The reply checked against every rule standing at that round, as the metrics read it."""
-    checks = []
-    for constraint in scenario.standing(round_number):
-        verdict = constraint.check(reply)
-        checks.append({"type_name": constraint.type_name, "family": constraint.type.family,
-                       "held_out": scenario.unseen, "strict": verdict.strict, "loose": verdict.loose,
-                       "score": verdict.score})
-    return checks
+    return rule_checks(scenario.standing(round_number), reply, held_out=scenario.unseen)
 
 
-def score_dialogue(scenario: Scenario, trajectory: Trajectory, gate: GateConfig, user_source: str) -> dict[str, Any]:
-    """One dialogue's verdicts: per round, the gate and every standing rule (strict and loose)."""
-    replies = [m["content"] for m in trajectory.messages if m["role"] == "assistant"]
-    turns = []
-    for r, reply in enumerate(replies, start=1):
-        gate_result = check_gate(reply, gate)
-        checks = standing_checks(scenario, r, reply)
-        turns.append({"round": r, "gate_pass": gate_result.passed, "gate_reason": gate_result.reason,
-                      "ended_properly": trajectory.ended_properly[r - 1], "checks": checks})
-    source = user_source + ("+pressure" if scenario.pressure else "")
-    return {"dialogue_id": scenario.dialogue_id, "user_source": source, "unseen": scenario.unseen,
-            "turns": turns, "messages": trajectory.messages}
+def score_dialogues(scenarios: Sequence[Scenario], trajectories: Sequence[Trajectory], gate: GateConfig,
+                    user_source: str, scorer: ResponsivenessScorer | None = None) -> list[dict[str, Any]]:
+    """One verdict record per dialogue: per round, the whole gate and every standing rule (strict and loose)."""
+    to_judge = [DialogueToJudge(t.messages, lambda r, reply, s=s: standing_checks(s, r, reply))
+                for s, t in zip(scenarios, trajectories, strict=True)]
+    records = []
+    for scenario, trajectory, turns in zip(scenarios, trajectories, judge(to_judge, gate, scorer), strict=True):
+        for turn, ended in zip(turns, trajectory.ended_properly, strict=True):
+            turn["ended_properly"] = ended
+        source = user_source + ("+pressure" if scenario.pressure else "")
+        records.append({"dialogue_id": scenario.dialogue_id, "user_source": source, "unseen": scenario.unseen,
+                        "constraints": [c.to_dict() for c in scenario.constraints],
+                        "intro_round": scenario.intro_round, "turns": turns, "messages": trajectory.messages})
+    return records
 
 
 def evaluate_model(
@@ -102,9 +106,14 @@ def evaluate_model(
     config: EvalConfig,
     *,
     intervention: str = "none",
+    scorer: ResponsivenessScorer | None = None,
     log=print,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Verdict records for every scenario, and the engine's speed (generated tokens, seconds)."""
+    """Verdict records for every scenario, and the speed of play and scoring (tokens, seconds).
+
+    `scorer` is the fixed responsiveness scorer; None leaves `responsive` unscored (the gate then
+    checks repeats, echoes and the per-reply rules only).
+    """
     import time
 
     if intervention not in INTERVENTIONS:
@@ -133,11 +142,17 @@ def evaluate_model(
     seconds = time.perf_counter() - started
     log(f"played {len(scenarios)} dialogues x {config.scenarios.rounds} rounds in {seconds:.0f} s "
         f"({engine.tokens_generated / max(seconds, 1e-9):.1f} generated tokens/s)")
-    records = [score_dialogue(s, t, config.gate, config.scenarios.user_source)
-               for s, t in zip(scenarios, trajectories, strict=True)]
+    scoring_started = time.perf_counter()
+    records = score_dialogues(scenarios, trajectories, config.gate, config.scenarios.user_source, scorer)
+    scoring_seconds = time.perf_counter() - scoring_started
+    if scorer is not None:
+        replies = sum(len(r["turns"]) for r in records)
+        log(f"judged {replies} replies in {scoring_seconds:.0f} s "
+            f"({100 * scoring_seconds / max(replies, 1):.1f} s per 100 replies with the responsiveness scorer)")
     if config.scenarios.probe_rounds:
         _add_probes(model, tokenizer, scenarios, records, config, context)
-    return records, {"generated_tokens": engine.tokens_generated, "seconds": round(seconds, 2)}
+    return records, {"generated_tokens": engine.tokens_generated, "seconds": round(seconds, 2),
+                     "judge_seconds": round(scoring_seconds, 2)}
 
 
 def _add_probes(model, tokenizer, scenarios, records, config: EvalConfig, context) -> None:

@@ -42,7 +42,13 @@ Definitions (the report's schema). `mode` is "strict" or "loose" (IFEval's two a
   its fixed 5 turns); mean over dialogues with at least one scored turn.
 - R_k (SysBench), k = 1..R: share of dialogues whose first k scored turns all pass, over
   dialogues with at least k scored turns; None where none qualify.
-- Gate pass rate: share of ALL turns (scored or not) whose gate passed.
+- Gate pass rate: share of ALL turns (scored or not) whose gate passed. `gate_pass` is the whole
+  dialogue-aware gate (see verdicts.py); `reply_gate_pass`, where present, is the per-reply gate
+  alone, and `auc_strict_per_reply_gate` is the strict AUC computed with it instead (the verdict
+  before repeats, echoes and responsiveness counted), so the change is visible.
+- Repeat / echo rate: share of ALL turns flagged as a repeat of an earlier reply / an echo of the
+  user's turn (round 1 cannot repeat, so it counts as not a repeat). Responsive rate: share of
+  the turns the scorer judged (responsive not None) that it found responsive.
 - Breakdowns by family / type / seen-unseen count checks: a check passes only if its turn's
   gate passed and the check passed in the mode. held_out False = seen in training. By user
   source counts scored turns (turn adherence).
@@ -82,12 +88,19 @@ def _turns(dialogue: Dialogue) -> list[Mapping[str, Any]]:
     return turns
 
 
-def _verdict(turn: Mapping[str, Any], mode: str) -> bool | None:
-    """True / False for a scored turn, None for a turn with no checks."""
+GATES: tuple[str, ...] = ("gate_pass", "reply_gate_pass")
+
+
+def _verdict(turn: Mapping[str, Any], mode: str, gate: str = "gate_pass") -> bool | None:
+    """True / False for a scored turn, None for a turn with no checks.
+
+    `gate` names the turn field that gates it; records without `reply_gate_pass` (older reports)
+    fall back to `gate_pass`.
+    """
     checks = turn["checks"]
     if not checks:
         return None
-    return bool(turn["gate_pass"]) and all(bool(c[mode]) for c in checks)
+    return bool(turn.get(gate, turn["gate_pass"])) and all(bool(c[mode]) for c in checks)
 
 
 def _scored_verdicts(dialogue: Dialogue, mode: str) -> list[bool]:
@@ -110,17 +123,19 @@ def _plain(x: float) -> float | None:
 # --------------------------------------------------------------------------- adherence curve
 
 
-def adherence_matrix(dialogues: Sequence[Dialogue], mode: str) -> np.ndarray:
+def adherence_matrix(dialogues: Sequence[Dialogue], mode: str, gate: str = "gate_pass") -> np.ndarray:
     """[N dialogues, R rounds] of 1.0 (adherent), 0.0 (not), NaN (unscored or missing).
 
     The only numpy return in the module: it is the working form the curve and the bootstrap
     share, not a report field.
     """
     _check_mode(mode)
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
     out = np.full((len(dialogues), _n_rounds(dialogues)), np.nan)
     for i, d in enumerate(dialogues):
         for t in _turns(d):
-            v = _verdict(t, mode)
+            v = _verdict(t, mode, gate)
             if v is not None:
                 out[i, t["round"] - 1] = float(v)
     return out
@@ -158,7 +173,8 @@ def _validate_bootstrap(n_boot: int, level: float) -> None:
 
 
 def curve(
-    dialogues: Sequence[Dialogue], mode: str, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+    dialogues: Sequence[Dialogue], mode: str, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+    gate: str = "gate_pass",
 ) -> dict[str, list]:
     """Adherence by round with a percentile bootstrap interval over dialogues.
 
@@ -167,7 +183,7 @@ def curve(
     Returns {"rounds": [1..R], "mean", "low", "high": [float | None], "n": [int]}.
     """
     _validate_bootstrap(n_boot, level)
-    m = adherence_matrix(dialogues, mode)
+    m = adherence_matrix(dialogues, mode, gate)
     n_dialogues, n_rounds = m.shape
     scored = (~np.isnan(m)).astype(float)
     values = np.nan_to_num(m)
@@ -272,6 +288,22 @@ def gate_pass_rate(dialogues: Sequence[Dialogue]) -> float | None:
     return _share(sum(gates), len(gates))
 
 
+def turn_rate(dialogues: Sequence[Dialogue], key: str) -> float | None:
+    """Share of turns whose `key` is True, over the turns that carry a non-None `key`; None if none do."""
+    values = [bool(t[key]) for d in dialogues for t in d["turns"] if t.get(key) is not None]
+    return _share(sum(values), len(values))
+
+
+def least_responsive(dialogues: Sequence[Dialogue], k: int = 3) -> list[dict[str, Any]]:
+    """The k dialogues with the lowest mean responsiveness (PMI), lowest first; ties by id."""
+    means = []
+    for d in dialogues:
+        values = [float(t["responsiveness"]) for t in d["turns"] if t.get("responsiveness") is not None]
+        if values:
+            means.append({"dialogue_id": d["dialogue_id"], "mean_responsiveness": sum(values) / len(values)})
+    return sorted(means, key=lambda m: (m["mean_responsiveness"], m["dialogue_id"]))[:k]
+
+
 # --------------------------------------------------------------------------- breakdowns
 
 
@@ -342,6 +374,13 @@ def summarise(dialogues: Sequence[Dialogue], *, n_boot: int = 1000, seed: int = 
         "ssr": ssr(dialogues, "strict"),
         "r_k": r_k(dialogues, "strict"),
         "gate_pass_rate": gate_pass_rate(dialogues),
+        "auc_strict_per_reply_gate": auc(
+            curve(dialogues, "strict", n_boot=1, seed=seed, gate="reply_gate_pass")["mean"]
+        ),
+        "repeat_rate": turn_rate(dialogues, "repeat"),
+        "echo_rate": turn_rate(dialogues, "echo"),
+        "responsive_rate": turn_rate(dialogues, "responsive"),
+        "least_responsive": least_responsive(dialogues),
         "survival": survival(dialogues, "strict"),
         "by_family": _both_modes(
             by_family(dialogues, "strict"), by_family(dialogues, "loose"), "pass_rate", "checks"

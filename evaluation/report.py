@@ -1,4 +1,4 @@
-"""Evaluation outputs: report.json, report.md, adherence.png, survival.png, dialogues.jsonl.
+"""Evaluation outputs: report.json, report.md, report.html, adherence.png, survival.png, dialogues.jsonl.
 
 report.json holds only what the seed and config determine (no timings, no
 dates), so the same seed and config give a byte-identical file. Its schema:
@@ -7,8 +7,9 @@ dates), so the same seed and config give a byte-identical file. Its schema:
   models: {label: {model, intervention, n_dialogues, rounds,
                    curve: {strict: {rounds, mean, low, high, n}, loose: {...}},
                    auc_strict, auc_loose, retention, retention_loose, drift_slope,
-                   ssr, r_k, gate_pass_rate, survival, by_family, by_type,
-                   seen, unseen, by_user_source}}
+                   ssr, r_k, gate_pass_rate, auc_strict_per_reply_gate, repeat_rate,
+                   echo_rate, responsive_rate, least_responsive, survival, by_family,
+                   by_type, seen, unseen, by_user_source}}
                    probe_curve (only with scenarios.probe_rounds)}
   comparisons: [{a, b, mode, difference, low, high, paired}]   (AUC of b minus AUC of a)
 
@@ -22,7 +23,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+from dialogrl.evaluation.report_html import render_html
+
+# 2: the dialogue-aware gate (repeat, echo, responsiveness) decides `adherent`.
+SCHEMA_VERSION = 2
 
 
 def versions() -> dict[str, str]:
@@ -65,7 +69,41 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def markdown(report: dict, speeds: dict[str, dict[str, float]] | None = None) -> str:
+def _least_responsive_section(report: dict, results: dict[str, dict[str, Any]]) -> list[str]:
+    """The 3 least responsive dialogues per model, with every user turn and reply and its verdict."""
+    lines = ["", "## Least responsive dialogues (lowest mean responsiveness, per model)", ""]
+    for label, m in report["models"].items():
+        by_id = {r["dialogue_id"]: r for r in results.get(label, {}).get("records", [])}
+        for entry in m.get("least_responsive", []):
+            record = by_id.get(entry["dialogue_id"])
+            if record is None:
+                continue
+            lines.append(f"### {label}: {entry['dialogue_id']} (mean PMI {entry['mean_responsiveness']:.2f} nats)")
+            lines.append("")
+            turns = {t["round"]: t for t in record["turns"]}
+            r = 0
+            for message in record["messages"]:
+                if message["role"] == "user":
+                    lines.append(f"- user: {_one_line(message['content'])}")
+                elif message["role"] == "assistant":
+                    r += 1
+                    turn = turns.get(r, {})
+                    verdict = ("gate: " + str(turn.get("gate_reason"))) if not turn.get("gate_pass", True) else (
+                        "adherent" if turn.get("adherent") else "no rule yet" if turn.get("adherent") is None
+                        else "rule broken")
+                    lines.append(f"- **reply {r}** ({verdict}; PMI {_fmt(turn.get('responsiveness'), 2)}): "
+                                 f"{_one_line(message['content'])}")
+            lines.append("")
+    return lines
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def markdown(report: dict, speeds: dict[str, dict[str, float]] | None = None,
+             results: dict[str, dict[str, Any]] | None = None) -> str:
     models = report["models"]
     cfg = report["config"]
     scen = cfg.get("scenarios", {})
@@ -73,8 +111,10 @@ def markdown(report: dict, speeds: dict[str, dict[str, float]] | None = None) ->
         "# Multi-round adherence report",
         "",
         f"{scen.get('dialogues')} dialogues x {scen.get('rounds')} rounds per model, user turns: "
-        f"{scen.get('user_source')}, seed {report['seed']}. A reply is adherent when it passes the quality gate "
-        "and every rule standing at that round. Intervals are 95% bootstrap intervals over dialogues.",
+        f"{scen.get('user_source')}, seed {report['seed']}. A reply is adherent when it passes the dialogue-aware "
+        "gate (well-formed, not a repeat of an earlier reply, not an echo of the user's turn, responsive to it under "
+        "the fixed scorer) and keeps every rule standing at that round. Intervals are 95% bootstrap intervals over "
+        "dialogues.",
         "",
         "| model | AUC strict | AUC loose | A(1) | A(R) | retention | drift/round | SSR | gate pass | seen | unseen |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -87,6 +127,15 @@ def markdown(report: dict, speeds: dict[str, dict[str, float]] | None = None) ->
             f"{_fmt(m['retention'])} | {_fmt(m['drift_slope'])} | {_fmt(m['ssr'])} | {_fmt(m['gate_pass_rate'])} | "
             f"{_fmt(m['seen']['strict'])} | {_fmt(m['unseen']['strict'])} |"
         )
+    lines += ["", "## What the dialogue-aware gate changed", "",
+              "Old AUC: strict AUC under the per-reply gate alone (before repeats, echoes and responsiveness "
+              "counted). Rates are shares of all replies; responsive is over the replies the scorer judged.", "",
+              "| model | AUC strict | old AUC | repeat | echo | responsive | gate pass |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for label, m in models.items():
+        lines.append(f"| {label} | {_fmt(m['auc_strict'])} | {_fmt(m.get('auc_strict_per_reply_gate'))} | "
+                     f"{_fmt(m.get('repeat_rate'))} | {_fmt(m.get('echo_rate'))} | {_fmt(m.get('responsive_rate'))} | "
+                     f"{_fmt(m['gate_pass_rate'])} |")
     lines += ["", "## Adherence by round (strict, with 95% interval)", ""]
     rounds = max(len(m["curve"]["strict"]["rounds"]) for m in models.values())
     lines.append("| model | " + " | ".join(f"r{r}" for r in range(1, rounds + 1)) + " |")
@@ -132,6 +181,8 @@ def markdown(report: dict, speeds: dict[str, dict[str, float]] | None = None) ->
         for label, s in speeds.items():
             rate = s["generated_tokens"] / max(s["seconds"], 1e-9)
             lines.append(f"- {label}: {s['generated_tokens']} tokens in {s['seconds']:.0f} s ({rate:.1f} tokens/s)")
+    if results:
+        lines += _least_responsive_section(report, results)
     lines += ["", "Trade-off: an intervention that raises adherence while lowering the gate pass rate is buying "
               "rule-keeping with reply quality; read the two columns together.", ""]
     return "\n".join(lines)
@@ -190,7 +241,8 @@ def write_outputs(report: dict, results: dict[str, dict[str, Any]], output_dir: 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    (output_dir / "report.md").write_text(markdown(report, speeds))
+    (output_dir / "report.md").write_text(markdown(report, speeds, results))
+    (output_dir / "report.html").write_text(render_html(report, results), encoding="utf-8")
     plot_adherence(report, output_dir / "adherence.png")
     plot_survival(report, output_dir / "survival.png")
     with (output_dir / "dialogues.jsonl").open("w", encoding="utf-8") as handle:

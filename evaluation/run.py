@@ -13,7 +13,10 @@ from typing import Any
 
 from dialogrl.evaluation.evaluate import INTERVENTIONS, EvalConfig, evaluate_model
 from dialogrl.evaluation.report import build_report, write_outputs
+from dialogrl.evaluation.responsiveness import ResponsivenessConfig, ResponsivenessScorer, corpus_contexts
 from dialogrl.evaluation.scenarios import build_scenarios
+
+Loader = Callable[[], tuple[Any, Any]]  # -> (model, tokenizer)
 
 
 @dataclass
@@ -21,7 +24,7 @@ class Candidate:
     label: str  # how the report names it
     model: str  # the reference it was loaded from
     intervention: str
-    load: Callable[[], tuple[Any, Any]]  # -> (model, tokenizer)
+    load: Loader
 
 
 def parse_candidate(entry: str) -> tuple[str, str]:
@@ -35,9 +38,23 @@ def parse_candidate(entry: str) -> tuple[str, str]:
     return reference, intervention
 
 
+def build_scorer(config: ResponsivenessConfig, load: Loader | None) -> ResponsivenessScorer | None:
+    """The fixed responsiveness scorer, contrasting replies with human contexts from the corpus's train split."""
+    if not config.enabled:
+        return None
+    if load is None:
+        raise ValueError("responsiveness.enabled is true but no scorer model was given; set responsiveness.scorer "
+                         "or responsiveness.enabled=false")
+    model, tokenizer = load()
+    return ResponsivenessScorer(model.eval(), tokenizer, config,
+                                corpus_contexts(config.context_messages, seed=config.seed))
+
+
 def run_eval(config: EvalConfig, candidates: list[Candidate], output_dir: str | Path, recipe: dict[str, Any],
-             log=print) -> dict:
+             log=print, load_scorer: Loader | None = None) -> dict:
+    """`load_scorer` loads the fixed responsiveness scorer (config.responsiveness.scorer), once for all candidates."""
     scenarios = build_scenarios(config.scenarios)
+    scorer = build_scorer(config.responsiveness, load_scorer)
     results, speeds = {}, {}
     loaded: dict[str, tuple[Any, Any]] = {}
     for candidate in candidates:
@@ -46,7 +63,7 @@ def run_eval(config: EvalConfig, candidates: list[Candidate], output_dir: str | 
         model, tokenizer = loaded[candidate.model]
         log(f"evaluating {candidate.label}")
         records, speed = evaluate_model(model, tokenizer, scenarios, config, intervention=candidate.intervention,
-                                        log=log)
+                                        scorer=scorer, log=log)
         results[candidate.label] = {"model": candidate.model, "intervention": candidate.intervention,
                                     "records": records}
         speeds[candidate.label] = speed

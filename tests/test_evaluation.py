@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from dialogrl.data import constraints as catalogue
-from dialogrl.evaluation.evaluate import EvalConfig, dialogue_specs, score_dialogue
+from dialogrl.evaluation.evaluate import EvalConfig, dialogue_specs, score_dialogues
 from dialogrl.evaluation.gate import check_gate
 from dialogrl.evaluation.rollout import Trajectory
 from dialogrl.evaluation.scenarios import Scenario, ScenarioConfig, build_scenarios
@@ -62,7 +62,8 @@ def test_user_rule_is_stated_at_its_round_and_not_checked_before():
     messages = [{"role": "system", "content": scenario.system_prompt()}]
     for turn in scenario.user_turns:
         messages += [{"role": "user", "content": turn}, {"role": "assistant", "content": "hello there friend"}]
-    record = score_dialogue(scenario, Trajectory("d#0", messages, [True] * 3, [4] * 3), EvalConfig().gate, "replay")
+    (record,) = score_dialogues([scenario], [Trajectory("d#0", messages, [True] * 3, [4] * 3)], EvalConfig().gate,
+                                "replay")
     checked = [[c["type_name"] for c in turn["checks"]] for turn in record["turns"]]
     assert checked == [["no_commas"], ["no_commas", "user_call_me"], ["no_commas", "user_call_me"]]
     # The reply never uses the name, so from round 2 on it is not adherent; round 1 is.
@@ -83,7 +84,7 @@ def eval_run(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     args = [sys.executable, "-m", "dialogrl.training.cli", "eval", "--model", str(tiny_model_dir),
             "--model", f"{tiny_model_dir}@repeat_rules", "scenarios.dialogues=6", "scenarios.rounds=3",
-            "sampling.max_new_tokens=6", "bootstrap_samples=200"]
+            "sampling.max_new_tokens=6", "bootstrap_samples=200", f"responsiveness.scorer={tiny_model_dir}"]
     first = subprocess.run([*args, "--output-dir", str(out / "a")], capture_output=True, text=True, timeout=600)
     second = subprocess.run([*args, "--output-dir", str(out / "b")], capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -92,17 +93,23 @@ def eval_run(tiny_model_dir, tmp_path_factory):
 
 
 def test_eval_writes_all_five_outputs(eval_run):
-    for name in ("report.json", "report.md", "adherence.png", "survival.png", "dialogues.jsonl"):
+    for name in ("report.json", "report.md", "report.html", "adherence.png", "survival.png", "dialogues.jsonl"):
         assert (eval_run / "a" / name).stat().st_size > 0, name
     report = json.loads((eval_run / "a" / "report.json").read_text())
     assert len(report["models"]) == 2 and len(report["comparisons"]) == 1
     for model in report["models"].values():
         for key in ("auc_strict", "auc_loose", "retention", "drift_slope", "ssr", "r_k", "gate_pass_rate",
-                    "survival", "by_family", "seen", "unseen"):
+                    "survival", "by_family", "seen", "unseen", "auc_strict_per_reply_gate", "repeat_rate",
+                    "echo_rate", "responsive_rate", "least_responsive"):
             assert key in model
         assert len(model["curve"]["strict"]["mean"]) == 3
     lines = (eval_run / "a" / "dialogues.jsonl").read_text().splitlines()
     assert len(lines) == 12 and all(len(json.loads(line)["turns"]) == 3 for line in lines)
+    for line in lines:
+        for turn in json.loads(line)["turns"]:
+            assert {"round", "adherent", "gate_pass", "gate_reason", "responsive", "responsiveness",
+                    "checks"} <= set(turn)
+            assert isinstance(turn["responsiveness"], float)  # the scorer judged every reply
 
 
 def test_same_seed_and_config_give_an_identical_report(eval_run):

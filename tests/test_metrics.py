@@ -349,7 +349,8 @@ def test_summarise_schema_and_json():
     assert set(s) == {
         "curve", "auc_strict", "auc_loose", "retention", "retention_loose", "drift_slope", "ssr", "r_k",
         "gate_pass_rate", "survival", "by_family", "by_type", "seen", "unseen", "by_user_source",
-        "n_dialogues", "rounds",
+        "n_dialogues", "rounds", "auc_strict_per_reply_gate", "repeat_rate", "echo_rate", "responsive_rate",
+        "least_responsive",
     }  # fmt: skip
     assert json.loads(json.dumps(s, allow_nan=False)) == s
     assert s["auc_strict"] == pytest.approx(19 / 36) and s["auc_loose"] == pytest.approx(0.75)

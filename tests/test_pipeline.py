@@ -45,7 +45,7 @@ def pipeline_recipe(tmp_path: Path, tiny: Path) -> Path:
         "tracking": quiet})
     evaluation = _write(tmp_path / "eval.yaml", {
         "stage": "eval", "scenarios": {"dialogues": 4, "rounds": 2}, "sampling": {"max_new_tokens": 8},
-        "batch_size": 4, "bootstrap_samples": 50})
+        "batch_size": 4, "bootstrap_samples": 50, "responsiveness": {"scorer": str(tiny), "negatives": 2}})
     return _write(tmp_path / "pipeline.yaml", {
         "stage": "pipeline", "base_model": str(tiny), "output_dir": str(tmp_path / "run"),
         "steps": [

@@ -123,15 +123,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         report = eval_stage.main(recipe, log=lambda msg: print(msg, file=sys.stderr))
     except ValueError as err:
         raise UserError(str(err)) from None
+    _print_models(report)
+    print(f"report: {recipe.output_dir}/report.md")
+    return 0
+
+
+def _print_models(report: dict) -> None:
     def fmt(value):
         return "n/a" if value is None else f"{value:.3f}"
 
     for label, m in report["models"].items():
-        print(f"{label}: strict AUC {fmt(m['auc_strict'])}, retention {fmt(m['retention'])}, "
+        print(f"{label}: strict AUC {fmt(m['auc_strict'])} (per-reply gate only: "
+              f"{fmt(m.get('auc_strict_per_reply_gate'))}), retention {fmt(m['retention'])}, "
               f"seen {fmt(m['seen']['strict'])}, unseen {fmt(m['unseen']['strict'])}, "
-              f"gate pass {fmt(m['gate_pass_rate'])}")
-    print(f"report: {recipe.output_dir}/report.md")
-    return 0
+              f"gate pass {fmt(m['gate_pass_rate'])}, repeat {fmt(m.get('repeat_rate'))}, "
+              f"echo {fmt(m.get('echo_rate'))}, responsive {fmt(m.get('responsive_rate'))}")
 
 
 def _run_stage(stage: str, args: argparse.Namespace) -> int:
@@ -203,6 +209,68 @@ def _cmd_recipe_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_score(args: argparse.Namespace) -> int:
+    from dialogrl.training import eval_stage, eval_tools
+
+    recipe = load_recipe(args.config, args.overrides, expected=eval_stage.EvalRecipe)
+    try:
+        report = eval_tools.score_main(recipe, args.source, args.output_dir,
+                                       log=lambda msg: print(msg, file=sys.stderr))
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    _print_models(report)
+    print(f"report: {args.output_dir}/report.md")
+    return 0
+
+
+def _cmd_eval_validate(args: argparse.Namespace) -> int:
+    from dialogrl.training import eval_stage, eval_tools
+
+    recipe = load_recipe(args.config, args.overrides, expected=eval_stage.EvalRecipe)
+    try:
+        result = eval_tools.validate_main(recipe, args.dialogues, args.output_dir,
+                                          log=lambda msg: print(msg, file=sys.stderr))
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    canned = result["canned_below_threshold"]
+    print(f"responsiveness: ROC AUC {result['auc']:.3f} on {result['pairs']} true vs swapped human replies; "
+          f"Youden threshold {result['threshold']:.3f} nats (TPR {result['tpr']:.3f}, FPR {result['fpr']:.3f}); "
+          f"canned replies below it on {result['substantive_turns']} substantive turns: "
+          f"{'n/a' if canned is None else f'{canned:.3f}'}; "
+          f"{result['seconds_per_100_replies']:.1f} s per 100 replies")
+    rates = result["human_repeat_echo"]
+    print(f"human replies flagged at 0.8 (of {rates['replies']}): repeat {rates['repeat']['0.8']:.4f}, "
+          f"echo {rates['echo']['0.8']:.4f}")
+    print(f"written to {args.output_dir}/validation.json")
+    return 0
+
+
+def eval_tool_parser(tool: str) -> argparse.ArgumentParser:
+    # Parsed on their own, like `reward score`: under `eval`, a subcommand and free key=value overrides collide.
+    if tool == "score":
+        parser = argparse.ArgumentParser(
+            prog="dialogrl eval score",
+            description="Judge transcripts from anywhere with the evaluator's gate, responsiveness scorer, checkers "
+            "and metrics. FILE: JSONL rows {\"id\", \"messages\": [{role, content}...], \"rules\": [{\"type\", "
+            "\"params\", \"from_round\"}], optional \"model\"}. Bad rows are listed and kept in rejects.jsonl.",
+        )
+        parser.add_argument("source", help="JSONL file of transcripts")
+        parser.add_argument("--output-dir", required=True, help="where report.json/.md/.html, plots, dialogues.jsonl go")
+        parser.set_defaults(handler=_cmd_eval_score)
+    else:
+        parser = argparse.ArgumentParser(
+            prog="dialogrl eval validate-scorer",
+            description="Validate the responsiveness scorer on the corpus eval split: ROC AUC of true vs swapped "
+            "human replies, the Youden threshold, canned replies, and how often humans trip the repeat/echo checks.",
+        )
+        parser.add_argument("--dialogues", type=int, default=400, help="human replies to test (default 400)")
+        parser.add_argument("--output-dir", default="outputs/scorer-validation", help="where validation.json goes")
+        parser.set_defaults(handler=_cmd_eval_validate)
+    parser.add_argument("--config", help="eval recipe whose gate/responsiveness settings apply (default: defaults)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. responsiveness.scorer=DIR")
+    return parser
+
+
 def reward_score_parser() -> argparse.ArgumentParser:
     # `reward score` is parsed on its own: under `reward`, a subcommand and free `key=value` overrides collide.
     score = argparse.ArgumentParser(
@@ -271,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "eval", help="multi-round adherence evaluation of one or more models",
-        description="Play N dialogues x R rounds per model and score how well each keeps its system prompt's rules.",
+        description="Play N dialogues x R rounds per model and score how well each keeps its system prompt's rules. "
+        "`dialogrl eval score FILE` judges transcripts from anywhere; `dialogrl eval validate-scorer` checks the "
+        "responsiveness scorer on human dialogues.",
     )
     evaluate.add_argument("--config", help="eval recipe (YAML), e.g. recipes/smollm2-135m/eval-quick.yaml")
     evaluate.add_argument("--model", action="append",
@@ -317,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ["reward", "score"]:
         args = reward_score_parser().parse_args(argv[2:])
+    elif argv[:2] in (["eval", "score"], ["eval", "validate-scorer"]):
+        args = eval_tool_parser(argv[1]).parse_intermixed_args(argv[2:])
     else:
         args = build_parser().parse_args(argv)
     try:

@@ -43,6 +43,22 @@ def candidates(recipe: EvalRecipe) -> list[Candidate]:
     return out
 
 
+def scorer_loader(config: EvalConfig, loading: ModelConfig):
+    """Loads the fixed responsiveness scorer named by `responsiveness.scorer` (resolved now, so a bad
+    reference fails before any model plays); None when responsiveness is off."""
+    if not config.responsiveness.enabled:
+        return None
+    reference = config.responsiveness.scorer
+    resolved = resolve_model(reference, revision=loading.revision)
+    options = ModelConfig(**{**vars(loading), "name_or_path": reference, "attn_implementation": "sdpa"})
+
+    def load():
+        return load_causal_lm(options, resolved).eval(), load_tokenizer(options, resolved)
+
+    return load
+
+
 def main(recipe: EvalRecipe, log=print) -> dict:
     save_recipe(recipe, recipe.output_dir)
-    return run_eval(recipe, candidates(recipe), recipe.output_dir, recipe_to_dict(recipe), log=log)
+    return run_eval(recipe, candidates(recipe), recipe.output_dir, recipe_to_dict(recipe), log=log,
+                    load_scorer=scorer_loader(recipe, recipe.model))

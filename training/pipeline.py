@@ -174,10 +174,14 @@ def evaluate_checkpoints(recipe: PipelineRecipe, wired, run_dir: Path, log=print
     eval_recipe.output_dir = str(run_dir / "eval")
     report_path = run_dir / "eval" / "report.json"
     if report_path.is_file():
+        from dialogrl.evaluation.report import SCHEMA_VERSION
+
         report = json.loads(report_path.read_text())
         done = {label: m["model"] for label, m in report["models"].items()}
         newest_checkpoint = max((Path(ref).stat().st_mtime for _l, ref in models if Path(ref).exists()), default=0)
-        if done == dict(models) and report_path.stat().st_mtime > newest_checkpoint:
+        # A report from an older evaluator (another verdict) is not complete for this one.
+        current = report.get("schema_version") == SCHEMA_VERSION
+        if current and done == dict(models) and report_path.stat().st_mtime > newest_checkpoint:
             log(f"[eval] skipped: {report_path} already compares {', '.join(done)}")
             return report
     candidates = eval_stage.candidates(eval_recipe)
@@ -186,7 +190,8 @@ def evaluate_checkpoints(recipe: PipelineRecipe, wired, run_dir: Path, log=print
     save_recipe(eval_recipe, eval_recipe.output_dir)
     log(f"[eval] {len(models)} models: {', '.join(label for label, _ in models)}")
     return run_eval(eval_recipe, candidates, eval_recipe.output_dir, recipe_to_dict(eval_recipe),
-                    log=lambda msg: log(f"[eval] {msg}"))
+                    log=lambda msg: log(f"[eval] {msg}"),
+                    load_scorer=eval_stage.scorer_loader(eval_recipe, eval_recipe.model))
 
 
 def summarise(report: dict[str, Any], steps: list[dict[str, Any]], recipe: PipelineRecipe, run_dir: Path,
@@ -199,6 +204,8 @@ def summarise(report: dict[str, Any], steps: list[dict[str, Any]], recipe: Pipel
             "adherence_round_1": strict[0], "adherence_last_round": strict[-1], "rounds": len(strict),
             "retention": m["retention"], "seen": m["seen"]["strict"], "unseen": m["unseen"]["strict"],
             "gate_pass_rate": m["gate_pass_rate"], "ssr": m["ssr"],
+            "auc_strict_per_reply_gate": m.get("auc_strict_per_reply_gate"), "repeat_rate": m.get("repeat_rate"),
+            "echo_rate": m.get("echo_rate"), "responsive_rate": m.get("responsive_rate"),
         }
     return {
         "run_dir": str(run_dir), "commit": _git_commit(), "seconds": round(seconds, 1),
@@ -217,15 +224,20 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"# Pipeline summary: {summary['run_dir']}",
         "",
         f"Base model {summary['base_model']}; commit {summary['commit'] or 'unknown'}; {summary['seconds'] / 60:.1f} "
-        "minutes in all. Strict adherence on held-out dialogues with eval phrasings.",
+        "minutes in all. Strict adherence on held-out dialogues with eval phrasings: a turn counts when it keeps "
+        "every standing rule and passes the dialogue-aware gate (no repeat, no echo, responsive). "
+        "'old AUC' is the same under the per-reply gate alone.",
         "",
-        f"| model | strict AUC | A(1) | A({rounds}) | retention | seen | unseen | gate pass |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| model | strict AUC | old AUC | A(1) | A({rounds}) | retention | seen | unseen | gate pass | repeat | echo "
+        "| responsive |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, row in summary["models"].items():
-        lines.append(f"| {label} | {_fmt(row['auc_strict'])} | {_fmt(row['adherence_round_1'])} | "
+        lines.append(f"| {label} | {_fmt(row['auc_strict'])} | {_fmt(row.get('auc_strict_per_reply_gate'))} | "
+                     f"{_fmt(row['adherence_round_1'])} | "
                      f"{_fmt(row['adherence_last_round'])} | {_fmt(row['retention'])} | {_fmt(row['seen'])} | "
-                     f"{_fmt(row['unseen'])} | {_fmt(row['gate_pass_rate'])} |")
+                     f"{_fmt(row['unseen'])} | {_fmt(row['gate_pass_rate'])} | {_fmt(row.get('repeat_rate'))} | "
+                     f"{_fmt(row.get('echo_rate'))} | {_fmt(row.get('responsive_rate'))} |")
     lines += ["", "| step | stage | time | state |", "|---|---|---|---|"]
     for step in summary["steps"]:
         state = "skipped (complete)" if step["skipped"] else "ran"
