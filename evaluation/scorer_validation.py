@@ -2,11 +2,15 @@
 
 - Responsiveness: each sampled human reply is scored after its own context (a
   positive) and after another dialogue's context (a negative, the same reply
-  "swapped"); the scorer must tell them apart (ROC AUC). The threshold is the
-  point of the ROC curve with the largest Youden's J = TPR - FPR, so it is fixed
-  by this validation, not tuned on the models being evaluated.
+  "swapped"); the scorer must tell them apart (ROC AUC).
 - Canned replies ("Hey there!", "I'm not sure.", ...) after substantive user
-  turns: the share that scores below that threshold.
+  turns: the share that scores below the threshold.
+- The threshold is the point of the ROC curve with the largest Youden's J =
+  TPR - FPR, with both kinds of non-answer as negatives: swapped replies and
+  canned ones. Swapped replies alone put it below 0 nats, where a generic reply
+  (PMI near 0: about as likely after any turn) passes; the canned negatives are
+  what the gate exists to stop. It is fixed by this validation, never tuned on
+  the models being evaluated; the swapped-only cut is reported beside it.
 - Repeat and echo: how often human replies trip each threshold (people do repeat
   "lol" and "yeah"; the rate says what the gate costs a real speaker).
 
@@ -110,7 +114,8 @@ def validate(scorer: ResponsivenessScorer, dialogues: Sequence, *, n: int, seed:
     scores = scorer.score(true_items + swapped_items + canned_items)
     true_scores, swapped_scores = scores[: len(turns)], scores[len(turns): 2 * len(turns)]
     canned_scores = scores[2 * len(turns):]
-    cut = youden_threshold(true_scores, swapped_scores)
+    swapped_cut = youden_threshold(true_scores, swapped_scores)
+    cut = youden_threshold(true_scores, swapped_scores + canned_scores)
     canned_by_reply = {
         reply: sum(canned_scores[i] < cut["threshold"]
                    for i in range(k, len(canned_scores), len(CANNED_REPLIES))) / max(len(substantive), 1)
@@ -122,6 +127,8 @@ def validate(scorer: ResponsivenessScorer, dialogues: Sequence, *, n: int, seed:
         "threshold": cut["threshold"],
         "tpr": cut["tpr"],
         "fpr": cut["fpr"],
+        "swapped_fpr": sum(s >= cut["threshold"] for s in swapped_scores) / len(swapped_scores),
+        "swapped_only_cut": swapped_cut,
         "true_mean": sum(true_scores) / len(true_scores),
         "swapped_mean": sum(swapped_scores) / len(swapped_scores),
         "substantive_turns": len(substantive),
@@ -129,6 +136,7 @@ def validate(scorer: ResponsivenessScorer, dialogues: Sequence, *, n: int, seed:
                                    if canned_scores else None),
         "canned_below_threshold_by_reply": canned_by_reply,
         "seconds_per_100_replies": 100 * scorer.seconds / max(scorer.scored_replies, 1),
+        "scores": {"true": true_scores, "swapped": swapped_scores, "canned": canned_scores},
         "samples": [{**t, "true": a, "swapped": b} for t, a, b in zip(turns[:20], true_scores, swapped_scores,
                                                                       strict=False)],
     }

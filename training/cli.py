@@ -234,7 +234,8 @@ def _cmd_eval_validate(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from None
     canned = result["canned_below_threshold"]
     print(f"responsiveness: ROC AUC {result['auc']:.3f} on {result['pairs']} true vs swapped human replies; "
-          f"Youden threshold {result['threshold']:.3f} nats (TPR {result['tpr']:.3f}, FPR {result['fpr']:.3f}); "
+          f"threshold {result['threshold']:.3f} nats (Youden vs swapped and canned: TPR {result['tpr']:.3f}, "
+          f"FPR {result['fpr']:.3f}, on swapped alone {result['swapped_fpr']:.3f}); "
           f"canned replies below it on {result['substantive_turns']} substantive turns: "
           f"{'n/a' if canned is None else f'{canned:.3f}'}; "
           f"{result['seconds_per_100_replies']:.1f} s per 100 replies")
