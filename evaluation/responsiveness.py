@@ -54,8 +54,9 @@ class ResponsivenessConfig:
     )
     negatives: int = option(8, help="Contexts from other dialogues that the reply is contrasted with.")
     threshold: float = option(
-        1.0, help="Least PMI (nats) a reply needs to count as responsive; chosen on the corpus validation "
-        "(true vs swapped human replies, Youden's J), see README."
+        2.31, help="Least PMI (nats) a reply needs to count as responsive. 2.31 is the Youden cut of "
+        "`dialogrl eval validate-scorer --dialogues 100` with the defaults (true human replies vs swapped and "
+        "canned ones); re-validate when changing scorer, context_messages or negatives."
     )
     max_reply_tokens: int = option(48, help="Reply tokens scored (longer replies are cut; the PMI is a sum).")
     max_context_words: int = option(
