@@ -38,19 +38,22 @@ def transcript_records(transcripts: list[Transcript], gate: GateConfig,
     return results
 
 
-def score_file(source: str | Path, output_dir: str | Path, config: dict[str, Any], gate: GateConfig,
-               scorer: ResponsivenessScorer | None, *, seed: int = 0, bootstrap_samples: int = 1000,
-               log=print) -> dict:
-    """Judge every valid row of `source`, write the evaluator's outputs to `output_dir`; bad rows go to
-    `output_dir/rejects.jsonl` and are listed in the log and in report.json's `input`."""
-    output_dir = Path(output_dir)
-    transcripts, load_report = load_transcripts(source, output_dir / "rejects.jsonl")
+def read_transcripts(source: str | Path, output_dir: str | Path, log=print) -> tuple[list[Transcript], Any]:
+    """Every valid row of `source`; bad rows go to `output_dir/rejects.jsonl` and are listed in the log."""
+    transcripts, load_report = load_transcripts(source, Path(output_dir) / "rejects.jsonl")
     log(load_report.summary())
     for problem in load_report.problems[:20]:
         log(f"  {problem}")
     if not transcripts:
         raise ValueError(f"{source}: no valid transcript to score ({load_report.rejected_rows} rejected rows; "
                          f"see {load_report.rejects_path})")
+    return transcripts, load_report
+
+
+def score_transcripts(transcripts: list[Transcript], load_report, output_dir: str | Path, config: dict[str, Any],
+                      gate: GateConfig, scorer: ResponsivenessScorer | None, *, seed: int = 0,
+                      bootstrap_samples: int = 1000) -> dict:
+    """Judge the transcripts and write the evaluator's outputs; report.json's `input` counts the rows."""
     results = transcript_records(transcripts, gate, scorer)
     report = build_report(results, {**config, "input": load_report.to_dict()}, seed, bootstrap_samples)
     write_outputs(report, results, output_dir)

@@ -18,13 +18,12 @@ from dialogrl.training.eval_stage import EvalRecipe, scorer_loader
 
 def score_main(recipe: EvalRecipe, source: str, output_dir: str, log=print) -> dict[str, Any]:
     from dialogrl.data.sources import DataError
-    from dialogrl.data.transcripts import load_transcripts
-    from dialogrl.evaluation.transcript_eval import score_file
+    from dialogrl.evaluation.transcript_eval import read_transcripts, score_transcripts
 
     if not Path(source).is_file():
         raise ValueError(f"{source}: no such file; give a JSONL file of transcripts (see `dialogrl eval score -h`)")
-    try:
-        load_transcripts(source, Path(output_dir) / "rejects.jsonl")  # fail on an unreadable file before loading a model
+    try:  # read (and reject bad rows) before the scorer model loads
+        transcripts, load_report = read_transcripts(source, output_dir, log=log)
     except DataError as err:
         raise ValueError(str(err)) from None
     save_recipe(recipe, output_dir)
@@ -32,8 +31,8 @@ def score_main(recipe: EvalRecipe, source: str, output_dir: str, log=print) -> d
     config = {key: value for key, value in recipe_to_dict(recipe).items()
               if key in ("gate", "responsiveness", "bootstrap_samples")}
     config["scenarios"] = {"user_source": "transcript", "source": str(source)}
-    return score_file(source, output_dir, config, recipe.gate, scorer, seed=recipe.scenarios.seed,
-                      bootstrap_samples=recipe.bootstrap_samples, log=log)
+    return score_transcripts(transcripts, load_report, output_dir, config, recipe.gate, scorer,
+                             seed=recipe.scenarios.seed, bootstrap_samples=recipe.bootstrap_samples)
 
 
 def validate_main(recipe: EvalRecipe, dialogues: int, output_dir: str, log=print) -> dict[str, Any]:
