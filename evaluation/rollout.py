@@ -17,6 +17,15 @@ a row's gap to the widest group is padding just before its last token. Tokens a
 row produces after its end-of-turn token, while other rows are still generating,
 are masked the same way. Before the next round the masked positions are dropped
 from the rows and the cache (`_compact`), so they never pile up over the rounds.
+
+Memory. A round holds one cache buffer per layer, reserved by `_prefill` for
+the round's longest row plus `max_new_tokens` of decoding: the old cache is
+copied into it layer by layer and dropped as it goes, length groups of
+consecutive rows write into it directly, rows that finish early are moved
+behind the others inside it (nothing is copied out), and rows leaving the
+batch are moved down inside it. So the cache costs about its own size, not
+the five or so copies (old cache, group copies, reserved merge, reallocations
+as rows left, set-aside views pinning old buffers) it took before.
 """
 
 from __future__ import annotations
@@ -227,9 +236,11 @@ class RolloutEngine:
 
         HF `generate` keeps stepping every row until the last one stops, so a
         round is generated in chunks of `chunk_tokens`; after each chunk the
-        rows that reached their end token are set aside with their slice of the
-        cache, and the rest go on. At the end of the round the set-aside rows
-        are merged back, padded (attention 0) to the common length.
+        rows that reached their end token are set aside and the rest go on. A
+        row set aside stays in the round's cache buffers, moved behind the rows
+        still generating (which alone are passed to `generate`), so setting rows
+        aside copies nothing out of the cache. At the end of the round the rows
+        are put back in order, padded (attention 0) to the common length.
         """
         import torch
 
@@ -240,7 +251,9 @@ class RolloutEngine:
             row.reply, row.reply_ended, row.turn_now = [], False, round_number
 
         pending = list(range(len(rows_in_batch)))  # indices of rows still generating, in cache order
-        set_aside: dict[int, list[tuple[Any, Any]]] = {}  # row index -> per-layer (keys, values)
+        slots = list(range(len(rows_in_batch)))  # slots[k]: the row in buffer slot k; `pending` are the first
+        set_aside: dict[int, int] = {}  # row index -> cached positions it holds in its slot
+        buffers = None  # per layer (keys, values): the round's buffers, all rows
         budget = self.sampling.max_new_tokens
         while pending and budget > 0:
             step = min(self.chunk_tokens, budget)
@@ -254,17 +267,46 @@ class RolloutEngine:
             if not finished or budget <= 0:
                 continue
             self.rows_set_aside += len(finished)
-            for j in finished:
-                set_aside[pending[j]] = [(layer.keys[j: j + 1], layer.values[j: j + 1]) for layer in cache.layers]
+            if buffers is None:
+                buffers = [layer.own_buffers(budget) for layer in cache.layers]
             keep = [j for j in range(len(pending)) if j not in set(finished)]
-            for layer in cache.layers:
-                layer.batch_select_indices(torch.tensor(keep))
+            order = torch.tensor(keep + finished, device=buffers[0][0].device)
+            length = cache.layers[0].keys.shape[2]
+            for layer, (keys, values) in zip(cache.layers, buffers, strict=True):
+                keys[: len(pending), :, :length] = keys[order, :, :length]
+                values[: len(pending), :, :length] = values[order, :, :length]
+                layer.hold(keys[: len(keep)], values[: len(keep)], length)
+            set_aside.update((pending[j], length) for j in finished)
+            slots[: len(pending)] = [pending[j] for j in keep + finished]
             pending = [pending[j] for j in keep]
         for row in rows_in_batch:
             self._finish_reply(row)
         if set_aside:
-            still_cached = [i for i in range(len(rows_in_batch)) if i not in set_aside]
-            cache = self._merge_back(rows_in_batch, cache, still_cached, set_aside)
+            cache = self._merge_back(rows_in_batch, cache, buffers, slots, set_aside)
+        return cache
+
+    def _merge_back(self, rows: list[_Row], cache, buffers, slots: list[int], set_aside: dict[int, int]) -> Any:
+        """Put every row back in its own slot of the round's buffers; rows set aside get masked padding.
+
+        A row's last token is never in the cache (generate feeds it next time), so
+        the padding goes just before it, in the tokens and in the cache alike.
+        """
+        import torch
+
+        length = max(len(row.tokens) for row in rows)
+        for row in rows:
+            self._insert_padding(row, len(row.tokens) - 1, length - len(row.tokens))
+        positions = length - 1  # what the rows still generating at the end hold; the others are padded to it
+        source = torch.tensor([slots.index(i) for i in range(len(rows))], device=buffers[0][0].device)
+        for layer, (keys, values) in zip(cache.layers, buffers, strict=True):
+            if layer.keys.untyped_storage().data_ptr() != keys.untyped_storage().data_ptr():
+                raise RuntimeError("a cache layer outgrew the buffers reserved for the round")
+            keys[:, :, :positions] = keys[source, :, :positions]
+            values[:, :, :positions] = values[source, :, :positions]
+            for i, held in set_aside.items():
+                keys[i, :, held:positions] = 0.0
+                values[i, :, held:positions] = 0.0
+            layer.hold(keys, values, positions)
         return cache
 
     def _prefill(self, rows: list[_Row], cache, segments: list[list[int]], round_number: int):
@@ -274,18 +316,24 @@ class RolloutEngine:
         padding too, and the segments' lengths vary a lot (a greeting, a pasted
         text, a system prompt with several rules). Rows are therefore run in
         groups of similar length (`_length_groups`), each at its own width, and
-        the groups' caches are put together; a row's gap to the widest group is
-        masked padding just before its last token. Returns the cache of all rows.
+        the groups write into one cache of all rows; a row's gap to the widest
+        group is masked padding just before its last token. Returns that cache.
+
+        Memory: the cache of all rows is reserved once, for the whole round (this
+        prefill and `max_new_tokens` of decoding), and the old cache is copied
+        into it layer by layer and emptied as it goes (`cache` cannot be used
+        afterwards), so the two never coexist beyond one layer. A group of
+        consecutive rows (one group of all rows is the common case) writes into
+        the new cache in place; any other group runs on a copy of its own rows,
+        which is then written back and dropped before the next group runs.
         """
-        import torch
-
-        from dialogrl.evaluation.kv_cache import AppendInPlaceCache
-
         cached = len(rows[0].tokens) - 1 if rows[0].tokens else 0  # rows are of equal length after _compact
         # What each row still has to run: its last token from before (not yet in the cache) and the segment.
         to_run = [row.tokens[-1:] + segment[:-1] for row, segment in zip(rows, segments, strict=True)]
         widest = max(len(tokens) for tokens in to_run)
-        group_caches = []
+        merged = None
+        if cache is not None:
+            merged = self._reserve_round_cache(len(rows), cached + widest, cache.layers, copy_and_release=True)
         for group in _length_groups([len(tokens) for tokens in to_run], self.group_overhead_tokens):
             width = max(len(to_run[i]) for i in group)
             for i in group:
@@ -294,33 +342,74 @@ class RolloutEngine:
                 self._append_prompt(row, segments[i][:-1], round_number)
             batch = [rows[i] for i in group]
             self.prefill_groups += 1
-            group_caches.append((group, width, self._run_group(batch, cache, group, cached)))
+            merged = self._run_group(batch, merged, group, cached, len(rows), cached + widest)
         for row, segment in zip(rows, segments, strict=True):
             self._insert_padding(row, len(row.tokens), cached + widest - len(row.tokens))
             self._append_prompt(row, segment[-1:], round_number)
-
-        merged = AppendInPlaceCache()
-        for layer_index in range(len(group_caches[0][2].layers)):
-            layer = merged.layer_class_to_replicate()
-            like = group_caches[0][2].layers[layer_index].keys
-            keys, values = layer.reserve(len(rows), cached + widest, like)
-            for group, width, group_cache in group_caches:
-                index = torch.tensor(group, device=like.device)
-                keys[index, :, : cached + width] = group_cache.layers[layer_index].keys
-                values[index, :, : cached + width] = group_cache.layers[layer_index].values
-            merged.layers.append(layer)
         return merged
 
-    def _run_group(self, batch: list[_Row], cache, group: list[int], cached: int):
-        """Run the rows of one length group from position `cached` on; returns their cache."""
+    def _reserve_round_cache(self, batch: int, length: int, like_layers, *, copy_and_release: bool = False):
+        """A zeroed cache of `batch` rows x `length` positions, with room for one round of decoding.
+
+        Each layer takes its shapes from the layer of `like_layers` at its index.
+        With `copy_and_release`, that layer's keys and values (the old cache) are
+        copied into the first positions and dropped from it before the next layer
+        is reserved, so the old and new caches never coexist beyond one layer.
+        """
+        from dialogrl.evaluation.kv_cache import AppendInPlaceCache
+
+        cache = AppendInPlaceCache()
+        for old in like_layers:
+            layer = cache.layer_class_to_replicate()
+            # generate appends at most max_new_tokens positions in a round; the next round gets a new cache.
+            keys, values = layer.reserve(batch, length, old.keys, spare=self.sampling.max_new_tokens)
+            if copy_and_release:
+                keys[:, :, : old.keys.shape[2]] = old.keys
+                values[:, :, : old.values.shape[2]] = old.values
+                old.keys = old.values = None
+            cache.layers.append(layer)
+        return cache
+
+    def _run_group(self, batch: list[_Row], merged, group: list[int], cached: int, rows: int, length: int):
+        """Run the rows of one length group from position `cached` on, into `merged` (the cache of all rows).
+
+        `merged` is None before the first group of the first round: it is then
+        reserved (`rows` x `length`) from the shapes of that group's cache. Returns `merged`.
+        """
         import torch
         from transformers.cache_utils import DynamicCache
 
+        from dialogrl.evaluation.kv_cache import AppendInPlaceCache
+
         device = self.model.device
-        group_cache = DynamicCache()
-        if cache is not None:
+        consecutive = group == list(range(group[0], group[0] + len(group)))
+        if merged is not None and consecutive:
+            # The group's rows of the new cache, as views: the model writes its keys and values there directly.
+            group_cache = AppendInPlaceCache()
+            for layer in merged.layers:
+                group_cache.layers.append(layer.view_rows(group[0], group[0] + len(group), cached))
+        elif merged is not None and cached:
             index = torch.tensor(group, device=device)
-            group_cache = DynamicCache([(layer.keys[index], layer.values[index]) for layer in cache.layers])
+            group_cache = DynamicCache([(layer.keys[index, :, :cached], layer.values[index, :, :cached])
+                                        for layer in merged.layers])
+        else:
+            group_cache = DynamicCache()
+        self._forward_group(batch, group_cache, cached)
+        if merged is None:
+            merged = self._reserve_round_cache(rows, length, group_cache.layers)
+        if not (consecutive and isinstance(group_cache, AppendInPlaceCache)):
+            index = torch.tensor(group, device=device)
+            end = group_cache.layers[0].keys.shape[2]
+            for layer, written in zip(merged.layers, group_cache.layers, strict=True):
+                layer.keys[index, :, :end] = written.keys
+                layer.values[index, :, :end] = written.values
+        return merged
+
+    def _forward_group(self, batch: list[_Row], group_cache, cached: int) -> None:
+        """Run the rows of one length group from position `cached` on, appending to `group_cache`."""
+        import torch
+
+        device = self.model.device
         input_ids = torch.tensor([row.tokens for row in batch], device=device)
         attention = torch.tensor([row.attention for row in batch], device=device)
         # As generate does: positions count real tokens only, so padding anywhere leaves them unchanged.
@@ -332,7 +421,6 @@ class RolloutEngine:
         with torch.inference_mode(), context:
             self.model(input_ids=input_ids[:, cached:], attention_mask=attention, position_ids=positions[:, cached:],
                        past_key_values=group_cache, use_cache=True, logits_to_keep=1)
-        return group_cache
 
     def _row_fields(self) -> tuple[tuple[str, Any], ...]:
         """The per-position lists of a row, with the value a padding position holds in each."""
@@ -390,37 +478,6 @@ class RolloutEngine:
         self.tokens_generated += len(row.reply)
         text = self.tokenizer.decode(row.reply, skip_special_tokens=True).strip()
         row.messages.append({"role": "assistant", "content": text})
-
-    def _merge_back(self, rows: list[_Row], cache, still_cached: list[int], set_aside) -> Any:
-        """Rebuild one cache in row order: rows set aside get masked padding up to the common length.
-
-        A row's last token is never in the cache (generate feeds it next time), so
-        the padding goes just before it, in the tokens and in the cache alike.
-        """
-        import torch
-
-        length = max(len(row.tokens) for row in rows)
-        for row in rows:
-            self._insert_padding(row, len(row.tokens) - 1, length - len(row.tokens))
-        in_cache = {i: j for j, i in enumerate(still_cached)}
-        for layer_index, layer in enumerate(cache.layers):
-            merged_keys, merged_values = [], []
-            for i in range(len(rows)):
-                if i in in_cache:
-                    keys = layer.keys[in_cache[i]: in_cache[i] + 1]
-                    values = layer.values[in_cache[i]: in_cache[i] + 1]
-                else:
-                    keys, values = set_aside[i][layer_index]
-                pad = length - 1 - keys.shape[2]
-                if pad:
-                    shape = (1, keys.shape[1], pad, keys.shape[3])
-                    keys = torch.cat([keys, keys.new_zeros(shape)], dim=2)
-                    values = torch.cat([values, values.new_zeros((1, values.shape[1], pad, values.shape[3]))], dim=2)
-                merged_keys.append(keys)
-                merged_values.append(values)
-            layer.keys = torch.cat(merged_keys, dim=0)
-            layer.values = torch.cat(merged_values, dim=0)
-        return cache
 
     def _token_logprobs(self, logits: tuple, tokens):
         import torch

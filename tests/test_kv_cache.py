@@ -53,3 +53,56 @@ def test_tensors_replaced_from_outside_are_adopted():
     assert keys.shape == values.shape == (2, 2, 5, 8)
     torch.testing.assert_close(keys[:, :, :4], before[[2, 0]])
     torch.testing.assert_close(keys[:, :, 4:], new_keys)
+
+
+def test_replaced_tensors_let_the_buffers_go_at_once():
+    layer = AppendInPlaceLayer()
+    keys, _ = layer.update(torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4))
+    assert layer._key_buffer is not None
+    layer.keys = keys.clone()  # what the engine does when it compacts or merges rows
+    assert layer._key_buffer is None  # not held beside the new tensor until the next update
+    assert layer._value_buffer is not None  # the values are still views of theirs
+    layer.values = layer.values.clone()
+    assert layer._value_buffer is None
+    keys, values = layer.update(torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4))
+    assert keys.shape == values.shape == (2, 3, 6, 4)
+
+
+def test_rows_leaving_the_batch_move_down_inside_the_buffers():
+    layer = AppendInPlaceLayer()
+    keys, values = layer.update(torch.randn(4, 3, 5, 4), torch.randn(4, 3, 5, 4))
+    before_keys, before_values, storage = keys.clone(), values.clone(), keys.untyped_storage().data_ptr()
+    layer.batch_select_indices(torch.tensor([1, 3]))
+    assert torch.equal(layer.keys, before_keys[[1, 3]]) and torch.equal(layer.values, before_values[[1, 3]])
+    new_keys = torch.randn(2, 3, 1, 4)
+    keys, _ = layer.update(new_keys, torch.randn(2, 3, 1, 4))
+    assert keys.untyped_storage().data_ptr() == storage  # no new buffer, before or after the next update
+    torch.testing.assert_close(keys[:, :, :5], before_keys[[1, 3]])
+    torch.testing.assert_close(keys[:, :, 5:], new_keys)
+
+
+def test_reserve_with_spare_and_rows_written_through_a_view():
+    layer = AppendInPlaceLayer()
+    keys, values = layer.reserve(3, 5, torch.empty(1, 2, 1, 4), spare=4)
+    assert keys.shape == (3, 2, 5, 4) and not keys.any()
+    assert layer._key_buffer.shape[2] == 9  # exactly the room asked for
+    keys[:] = torch.randn(3, 2, 5, 4)
+    before = keys.clone()
+    view = layer.view_rows(1, 3, 2)  # rows 1 and 2, their first 2 positions
+    new_keys, new_values = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
+    view_keys, _ = view.update(new_keys, new_values)
+    assert view_keys.shape == (2, 2, 5, 4)
+    torch.testing.assert_close(layer.keys[1:, :, 2:5], new_keys)  # written into the parent's buffer
+    torch.testing.assert_close(layer.values[1:, :, 2:5], new_values)
+    torch.testing.assert_close(layer.keys[0], before[0])
+    torch.testing.assert_close(layer.keys[1:, :, :2], before[1:, :, :2])
+    assert view_keys.untyped_storage().data_ptr() == layer.keys.untyped_storage().data_ptr()
+
+
+def test_a_view_of_no_positions_yet_is_written_in_place():
+    layer = AppendInPlaceLayer()
+    layer.reserve(2, 4, torch.empty(1, 2, 1, 4), spare=0)
+    view = layer.view_rows(1, 2, 0)  # nothing cached yet: an empty view (its data_ptr() is 0)
+    new_keys = torch.randn(1, 2, 4, 4)
+    view.update(new_keys, torch.randn(1, 2, 4, 4))
+    torch.testing.assert_close(layer.keys[1:], new_keys)

@@ -142,6 +142,37 @@ def test_rows_that_finish_early_leave_the_batch_without_changing_anything(model_
     assert [t.assistant_mask for t in chunked] == [t.assistant_mask for t in single]
 
 
+def test_one_cache_allocation_per_round_even_when_rows_leave_early(model_and_tokenizer, monkeypatch):
+    """Rows set aside, rows leaving the batch and the prefill groups reuse the round's buffers.
+
+    Each round reserves one buffer per layer, sized for the prefill and the
+    round's decoding; anything more (a reallocation when rows leave, old buffers
+    kept alive beside new ones) is what made the evaluator's memory pile up.
+    """
+    from collections import Counter
+
+    from dialogrl.evaluation.kv_cache import AppendInPlaceLayer
+
+    model, tokenizer = model_and_tokenizer
+    probe = play(model, tokenizer, batch_size=3, reuse_cache=True, max_new_tokens=24, with_tokens=True)
+    counts = Counter(t for tr in probe for t, m in zip(tr.token_ids, tr.assistant_mask, strict=True) if m)
+    allocations = []
+    original = AppendInPlaceLayer._reallocate
+    monkeypatch.setattr(AppendInPlaceLayer, "_reallocate",
+                        lambda self, *args: (allocations.append(args), original(self, *args))[1])
+    for extra_stop, _count in counts.most_common(10):
+        allocations.clear()
+        engine = RolloutEngine(model, tokenizer, SamplingConfig(max_new_tokens=24), batch_size=3, chunk_tokens=1)
+        engine.generate_kwargs["eos_token_id"] = [*engine.generate_kwargs["eos_token_id"], extra_stop]
+        engine.stop_ids.add(extra_stop)
+        engine.group_overhead_tokens = 0  # several groups per round, consecutive rows or not
+        engine.play(specs(), rounds=4)
+        if engine.rows_set_aside:
+            break
+    assert engine.rows_set_aside > 0
+    assert len(allocations) == 4 * model.config.num_hidden_layers
+
+
 def test_token_outputs_line_up_with_the_messages(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     for trajectory in play(model, tokenizer, batch_size=3, reuse_cache=True, with_tokens=True, chunk_tokens=4):
