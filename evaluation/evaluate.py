@@ -16,6 +16,8 @@ Interventions run in the same harness:
 
 from __future__ import annotations
 
+import resource
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -99,6 +101,12 @@ def score_dialogues(scenarios: Sequence[Scenario], trajectories: Sequence[Trajec
     return records
 
 
+def peak_rss_gb() -> float:
+    """The process's peak resident memory so far, in GB (Linux reports kilobytes, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1e9 if sys.platform == "darwin" else 1e6)
+
+
 def evaluate_model(
     model,
     tokenizer,
@@ -141,14 +149,15 @@ def evaluate_model(
     trajectories = engine.play(dialogue_specs(scenarios, intervention, simulated), config.scenarios.rounds)
     seconds = time.perf_counter() - started
     log(f"played {len(scenarios)} dialogues x {config.scenarios.rounds} rounds in {seconds:.0f} s "
-        f"({engine.tokens_generated / max(seconds, 1e-9):.1f} generated tokens/s)")
+        f"({engine.tokens_generated / max(seconds, 1e-9):.1f} generated tokens/s; peak RSS so far {peak_rss_gb():.2f} GB)")
     scoring_started = time.perf_counter()
     records = score_dialogues(scenarios, trajectories, config.gate, config.scenarios.user_source, scorer)
     scoring_seconds = time.perf_counter() - scoring_started
     if scorer is not None:
         replies = sum(len(r["turns"]) for r in records)
         log(f"judged {replies} replies in {scoring_seconds:.0f} s "
-            f"({100 * scoring_seconds / max(replies, 1):.1f} s per 100 replies with the responsiveness scorer)")
+            f"({100 * scoring_seconds / max(replies, 1):.1f} s per 100 replies with the responsiveness scorer; "
+            f"peak RSS so far {peak_rss_gb():.2f} GB)")
     if config.scenarios.probe_rounds:
         _add_probes(model, tokenizer, scenarios, records, config, context)
     return records, {"generated_tokens": engine.tokens_generated, "seconds": round(seconds, 2),

@@ -124,20 +124,58 @@ def test_batched_left_padded_log_likelihoods_equal_one_row_at_a_time(tiny_scorer
         assert value == pytest.approx(_unbatched_logp(tiny_scorer, context, reply), abs=1e-3)
 
 
-def test_pmi_is_own_minus_log_mean_over_contrast_contexts_and_order_free(tiny_scorer):
+def test_panel_log_likelihoods_on_cached_prefixes_equal_full_passes(tiny_scorer):
+    replies = ["a dog", "sunny", "a much longer reply that goes on for quite a few more words", ""]
+    cached = tiny_scorer.panel_log_likelihoods(replies)
+    assert len(cached) == len(replies) and all(len(row) == len(tiny_scorer.panel) for row in cached)
+    for reply, row in zip(replies, cached, strict=True):
+        for context, value in zip(tiny_scorer.panel, row, strict=True):
+            assert value == pytest.approx(_unbatched_logp(tiny_scorer, context, reply), abs=1e-3)
+
+
+def test_pmi_is_own_minus_log_mean_over_the_panel_and_order_free(tiny_scorer):
     context = [{"role": "user", "content": "do you have any pets at home?"}]
-    negatives = tiny_scorer.negatives_for("a dog", [context])
-    assert len(negatives) == 3 and context not in negatives
-    for excluded in tiny_scorer.pool[:4]:
-        chosen = tiny_scorer.negatives_for("a dog", [excluded])
-        assert len(chosen) == 3 and excluded not in chosen
-    own, *others = tiny_scorer.log_likelihoods([(context, "a dog"), *((n, "a dog") for n in negatives)])
+    assert len(tiny_scorer.panel) == 3 and context not in tiny_scorer.panel
+    own, *others = tiny_scorer.log_likelihoods([(context, "a dog"), *((n, "a dog") for n in tiny_scorer.panel)])
     expected = own - math.log(sum(math.exp(x) for x in others) / len(others))
     alone = tiny_scorer.score([(context, "a dog")])[0]
-    assert alone == pytest.approx(expected, abs=1e-4)
+    assert alone == pytest.approx(expected, abs=1e-3)
     other = [{"role": "user", "content": "where were you born?"}]
     in_batch = tiny_scorer.score([(other, "in a city"), (context, "a dog")])[1]
     assert in_batch == pytest.approx(alone, abs=1e-3)
+
+
+def test_a_panel_context_that_is_the_replys_own_is_left_out_of_its_marginal(tiny_scorer):
+    own_context = tiny_scorer.panel[0]
+    own, *others = tiny_scorer.log_likelihoods([(n, "a dog") for n in tiny_scorer.panel])
+    expected = own - math.log(sum(math.exp(x) for x in others) / len(others))
+    assert tiny_scorer.score([(own_context, "a dog")])[0] == pytest.approx(expected, abs=1e-3)
+
+
+def test_with_show_replies_off_the_scorer_does_not_see_the_repliers_own_earlier_replies(tiny_scorer):
+    # A reply copying an earlier reply of its own must not become "predictable" from the copy.
+    first = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "i like trains a lot"},
+             {"role": "user", "content": "what do you do?"}]
+    second = [first[0], {"role": "assistant", "content": "something else entirely"}, first[2]]
+    hiding = ResponsivenessScorer(tiny_scorer.model, tiny_scorer.tokenizer,
+                                  ResponsivenessConfig(context_messages=3, negatives=3, show_replies=False),
+                                  tiny_scorer.panel)
+    assert hiding._prompt_ids(first) == hiding._prompt_ids(second)
+    shown = hiding.tokenizer.decode(hiding._prompt_ids(first))
+    assert "hi\nwhat do you do?" in shown and "trains" not in shown
+    assert "trains" in tiny_scorer.tokenizer.decode(tiny_scorer._prompt_ids(first))  # the default shows them
+
+
+def test_identical_pairs_are_scored_once(tiny_scorer):
+    context = [{"role": "user", "content": "what did you do today?"}]
+    tiny_scorer.panel_log_likelihoods(["warm up"])  # the panel's prefixes are run once, on first use
+    before = tiny_scorer.scored_tokens
+    single = tiny_scorer.score([(context, "i went for a walk")])
+    cost = tiny_scorer.scored_tokens - before
+    before = tiny_scorer.scored_tokens
+    repeated = tiny_scorer.score([(context, "i went for a walk")] * 3)
+    assert tiny_scorer.scored_tokens - before == cost
+    assert repeated == pytest.approx(single * 3, abs=1e-6)
 
 
 def test_judge_records_responsiveness_and_uses_the_threshold(tiny_scorer):
