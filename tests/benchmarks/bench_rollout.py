@@ -22,8 +22,15 @@ dialogues each baseline's replies are identical to the engine's.
 The default of 16 dialogues is the evaluator's default `batch_size`, so the engine
 runs as `dialogrl eval` runs it.
 
-Earlier, on 2 idle cores: 4.94x one at a time at 16 dialogues and 5.25x at 32, R = 8
-(94.0 and 104.5 tokens/s against 19.1 and 19.9).
+Measured on 2 idle cores at commit 22a917d (defaults: 16 dialogues, up to 48 new tokens):
+
+    R    one at a time   batched generate   engine       engine vs one / vs generate
+    8    13.3 tokens/s   28.8 tokens/s      70.8         5.33x / 2.45x
+    16   12.5            9.7                48.7         3.90x / 5.05x
+
+Batched generate loses to one at a time at R = 16. Not profiled; the likely cause is
+that every round it re-encodes all histories left-padded to the longest one, and
+decodes until the longest reply ends.
 """
 
 from __future__ import annotations
