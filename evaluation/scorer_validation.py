@@ -20,10 +20,11 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from dialogrl.evaluation.gate import echo_share, repeat_similarity
+from dialogrl.evaluation.gate import check_gate, echo_share, repeat_similarity
 from dialogrl.evaluation.responsiveness import ResponsivenessScorer, context_of
 
 CANNED_REPLIES = ("Hey there!", "I'm not sure.", "How can I help you today?", "That's interesting.",
@@ -85,7 +86,8 @@ def sample_turns(dialogues: Sequence, n: int, context_messages: int, seed: int) 
 
 
 def human_repeat_echo_rates(dialogues: Sequence, thresholds: Sequence[float]) -> dict[str, Any]:
-    """Share of human replies that would fail as a repeat (vs the same speaker's earlier replies) or an echo."""
+    """Share of human replies that would fail as a repeat (vs the same speaker's earlier replies) or an echo,
+    and how many fail each per-reply check of the gate (with default settings)."""
     repeat_scores, echo_scores = [], []
     for dialogue in dialogues:
         replies = dialogue.reply_turns
@@ -93,10 +95,13 @@ def human_repeat_echo_rates(dialogues: Sequence, thresholds: Sequence[float]) ->
             if r:
                 repeat_scores.append(max(repeat_similarity(reply, earlier) for earlier in replies[:r]))
             echo_scores.append(echo_share(reply, dialogue.user_turns[r]))
+    per_reply = Counter(check_gate(reply).reason for dialogue in dialogues for reply in dialogue.reply_turns)
+    per_reply.pop(None, None)
     return {
         "replies": len(echo_scores),
         "repeat": {str(t): sum(s >= t for s in repeat_scores) / len(repeat_scores) for t in thresholds},
         "echo": {str(t): sum(s >= t for s in echo_scores) / len(echo_scores) for t in thresholds},
+        "per_reply_gate_failures": dict(per_reply.most_common()),  # reason -> human replies failing it
     }
 
 

@@ -32,6 +32,22 @@ def test_quality_gate(reply, passes):
     assert check_gate(reply).passed is passes
 
 
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        # Seen in eval-quick: distinct 4-grams throughout, so only the sentence count catches them.
+        ("I'm glad to hear that. I'm glad to hear that. I'm glad to hear that. I'm glad to hear that.",
+         "repeated_sentence"),
+        ("I'm sorry for any misunderstanding. I'm sorry for any misunderstanding! (I'm sorry for any "
+         "misunderstanding)", "repeated_sentence"),
+        ("No. No. That is not what I meant, sorry.", None),  # twice is emphasis, not a loop
+        ("I like tea. Do you like tea? I like it hot.", None),
+    ],
+)
+def test_a_sentence_said_three_times_is_a_loop(reply, reason):
+    assert check_gate(reply).reason == reason
+
+
 def test_scenarios_are_deterministic_held_out_and_split_seen_unseen():
     config = ScenarioConfig(dialogues=20, rounds=4, unseen_fraction=0.5, seed=3)
     first, second = build_scenarios(config), build_scenarios(config)

@@ -47,7 +47,14 @@ def ppo_recipe(tiny_model_dir: Path, output_dir: Path, *overrides: str) -> PPORe
     ], expected=PPORecipe)
 
 
-def words_score(scenario, round_number: int, reply: str) -> float:
+def each_reply(score):
+    """A rule-score function of the trainer's shape from a score of one reply (no gate: the tiny model's
+    replies are random tokens, which the gate's known-words check would zero)."""
+    return lambda scenario, messages: [score(m["content"]) for m in messages if m["role"] == "assistant"]
+
+
+@each_reply
+def words_score(reply: str) -> float:
     """A rule score that differs between replies (the random model's replies have 1-8 words)."""
     return len(reply.split()) / 8
 
@@ -68,6 +75,33 @@ def stage_file(tmp_path: Path) -> Path:
 
 def cli_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+# --------------------------------------------------------------------------- the rule score
+
+
+def test_rule_score_is_zero_for_repeats_and_echoes_of_a_compliant_reply():
+    """The default rule score judges replies in their dialogue: keeping "no commas" by repeating an earlier
+    reply or echoing the user earns nothing; a new compliant answer earns 1, a new reply with a comma 0."""
+    import random
+
+    from dialogrl.data import constraints as catalogue
+    from dialogrl.evaluation.scenarios import Scenario
+
+    no_commas = catalogue.make_constraint("no_commas", random.Random(0), split="eval")
+    scenario = Scenario("d#0", ["-"] * 5, [no_commas], [1], unseen=False)
+    turns = [
+        ("what is your favourite food", "I really love pizza with lots of cheese on top"),
+        ("and what do you do for work", "I really love pizza with lots of cheese on top!"),  # near repeat
+        ("do you have any pets at home", "do you have any pets at home"),  # echo
+        ("where do you live these days", "I live in a small town near the sea"),
+        ("do you like it there", "Yes, it is quiet and the people are kind"),  # a comma
+    ]
+    messages = [{"role": "system", "content": scenario.system_prompt()}]
+    for user, reply in turns:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+
+    assert ppo.rule_scores(scenario, messages) == [1.0, 0.0, 0.0, 1.0, 0.0]
 
 
 # --------------------------------------------------------------------------- step 0
@@ -191,7 +225,8 @@ def test_rollout_layout_agrees_with_the_trajectories(tiny_model_dir, tmp_path):
 # --------------------------------------------------------------------------- learning
 
 
-def t_words_share(scenario, round_number: int, reply: str) -> float:
+@each_reply
+def t_words_share(reply: str) -> float:
     """The toy rule: the share of the reply's words that begin with "t" (about 1 in 10 for the random model).
 
     A rule on one given word ("ends with X") is too sparse for the tiny model, which spreads its

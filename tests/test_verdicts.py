@@ -204,3 +204,19 @@ def test_roc_auc_and_youden_threshold_on_worked_cases():
     cut = youden_threshold([3.0, 4.0, 5.0], [0.0, 1.0, 3.5])
     # score >= 2.0 keeps all positives and 1 of 3 negatives (J = 2/3); no cut does better.
     assert cut["threshold"] == pytest.approx(2.0) and cut["j"] == pytest.approx(2 / 3)
+
+
+def test_human_rates_count_repeats_echoes_and_per_reply_failures():
+    from dialogrl.data.corpora import CorpusDialogue
+    from dialogrl.evaluation.scorer_validation import human_repeat_echo_rates
+
+    turns = ("do you like pizza", "I love pizza so much",
+             "what else do you eat", "I love pizza so much",  # a repeat of round 1
+             "say it again", "ok. ok. ok. ok.",  # one sentence four times
+             "bye then", "bye then")  # an echo
+    rates = human_repeat_echo_rates([CorpusDialogue("c0", "eval", turns)], thresholds=(0.8,))
+
+    assert rates["replies"] == 4
+    assert rates["repeat"]["0.8"] == pytest.approx(1 / 3)  # rounds 2-4 have an earlier reply to repeat
+    assert rates["echo"]["0.8"] == pytest.approx(1 / 4)
+    assert rates["per_reply_gate_failures"] == {"repeated_sentence": 1}

@@ -241,7 +241,8 @@ def _cmd_eval_validate(args: argparse.Namespace) -> int:
           f"{result['seconds_per_100_replies']:.1f} s per 100 replies")
     rates = result["human_repeat_echo"]
     print(f"human replies flagged at 0.8 (of {rates['replies']}): repeat {rates['repeat']['0.8']:.4f}, "
-          f"echo {rates['echo']['0.8']:.4f}")
+          f"echo {rates['echo']['0.8']:.4f}; failing a per-reply check: "
+          f"{', '.join(f'{k} {v}' for k, v in rates['per_reply_gate_failures'].items()) or 'none'}")
     print(f"written to {args.output_dir}/validation.json")
     return 0
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from dialogrl.evaluation.evaluate import dialogue_specs, standing_checks
-from dialogrl.evaluation.gate import check_gate
+from dialogrl.evaluation.gate import GateConfig
 from dialogrl.evaluation.scenarios import Scenario, ScenarioConfig, build_scenarios
+from dialogrl.evaluation.verdicts import DialogueToJudge, judge
 from dialogrl.training.config import dump_recipe, save_recipe
 from dialogrl.training.ppo_config import PPORecipe
 from dialogrl.training.ppo_trainer import STATE_FILENAME, ActorCritic, PPOTrainer, summarise_history
@@ -27,11 +29,19 @@ from dialogrl.training.trainer_setup import (
 METRICS_FILENAME = "metrics.jsonl"
 
 
-def rule_score(scenario: Scenario, round_number: int, reply: str) -> float:
-    """Mean score of the rules standing at this round; 0 for a reply that fails the quality gate."""
-    if not check_gate(reply).passed:
-        return 0.0
-    checks = standing_checks(scenario, round_number, reply)
+def rule_scores(scenario: Scenario, messages: Sequence[dict[str, str]]) -> list[float]:
+    """Per reply of a played dialogue: the mean score of the rules standing at its round, 0 if it fails the gate.
+
+    The gate is the evaluator's dialogue-aware one (`verdicts.judge` without the scorer), so a reply
+    that repeats an earlier reply or echoes the user earns no rule score: rewarding one compliant
+    sentence said to every turn is how a policy learns to parrot.
+    """
+    dialogue = DialogueToJudge(list(messages), lambda round_number, reply: standing_checks(scenario, round_number, reply))
+    (turns,) = judge([dialogue], GateConfig())
+    return [_mean_score(turn["checks"]) if turn["gate_pass"] else 0.0 for turn in turns]
+
+
+def _mean_score(checks: list[dict]) -> float:
     return sum(c["score"] for c in checks) / len(checks) if checks else 1.0
 
 
@@ -113,7 +123,7 @@ def load_models(recipe: PPORecipe):
     return policy, reference, critic, reward_model, reward_chat, tokenizer
 
 
-def build(recipe: PPORecipe, *, rule_score_fn=rule_score, log=print) -> tuple[PPOTrainer, str | None]:
+def build(recipe: PPORecipe, *, rule_score_fn=rule_scores, log=print) -> tuple[PPOTrainer, str | None]:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed

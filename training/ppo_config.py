@@ -38,7 +38,7 @@ class RewardOptions:
     rm_weight: float = option(1.0, help="Weight of the reward model's score of each turn.")
     rule_weight: float = option(
         0.0, help="Weight of the rule score: the mean score of every rule standing at that turn (0 if the reply "
-        "fails the quality gate)."
+        "fails the evaluator's dialogue-aware gate: degenerate, a repeat of an earlier reply or an echo of the user)."
     )
     cut_penalty: float = option(1.0, help="Subtracted from the score of a reply cut by max_new_tokens (no end token).")
     normalise: bool = option(True, help="Normalise turn scores by their running mean and std (over all processes).")

@@ -46,7 +46,8 @@ from dialogrl.evaluation.scenarios import Scenario
 from dialogrl.training import ppo_math
 from dialogrl.training.ppo_config import PPORecipe
 
-TurnScoreFn = Callable[[Scenario, int, str], float]
+# (scenario, played messages) -> one rule score per assistant reply, in order
+TurnScoreFn = Callable[[Scenario, list[dict[str, str]]], list[float]]
 STATE_FILENAME = "ppo_state.json"
 
 
@@ -206,17 +207,18 @@ class PPOTrainer:
                                             pad_id=self.reward_chat.tokenizer.pad_token_id,
                                             batch_size=self.options.generation_batch_size)
         for row, (trajectory, scenario) in enumerate(zip(trajectories, scenarios, strict=True)):
-            replies = [m["content"] for m in trajectory.messages if m["role"] == "assistant"]
-            for k, reply in enumerate(replies[:rounds]):
+            played = sum(m["role"] == "assistant" for m in trajectory.messages)
+            rules = (self.rule_score(scenario, trajectory.messages)
+                     if options.rule_weight and self.rule_score is not None else None)
+            for k in range(min(played, rounds)):
                 score = 0.0
                 parts["turns"] += 1
                 if rm_scores is not None:
                     score += options.rm_weight * rm_scores[row][k]
                     parts["rm"] += rm_scores[row][k]
-                if options.rule_weight and self.rule_score is not None:
-                    rule = self.rule_score(scenario, k + 1, reply)
-                    score += options.rule_weight * rule
-                    parts["rule"] += rule
+                if rules is not None:
+                    score += options.rule_weight * rules[k]
+                    parts["rule"] += rules[k]
                 if not trajectory.ended_properly[k]:
                     score -= options.cut_penalty
                     parts["cut"] += 1
