@@ -31,8 +31,10 @@ as rows left, set-aside views pinning old buffers) it took before.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Any, Protocol
 
 from dialogrl.data.chat_tokens import ChatTokenizer
@@ -80,6 +82,21 @@ class Trajectory:
     @property
     def rounds(self) -> int:
         return sum(m["role"] == "assistant" for m in self.messages)
+
+
+@dataclass
+class TurnGroup:
+    """G sibling replies sampled from one identical history at one round (`play_turn_groups`).
+
+    Each sibling is a Trajectory of the dialogue up to and including its own reply; with tokens,
+    its `assistant_mask` covers that reply alone (the earlier replies were trained in their own
+    round's group). The dialogue went on from `replies[continued]`.
+    """
+
+    dialogue_index: int
+    round_number: int
+    replies: list[Trajectory]
+    continued: int
 
 
 @dataclass
@@ -145,25 +162,63 @@ class RolloutEngine:
             # One seed per batch: a dialogue's sampled replies do not depend on what ran before it.
             torch.manual_seed(self.sampling.seed + start)
             self._with_logprobs = with_tokens
-            results += self._play_batch(dialogues[start: start + self.batch_size], rounds, with_tokens)
+            results += self._play_batch(dialogues[start: start + self.batch_size], rounds, with_tokens)[0]
         return results
+
+    def play_turn_groups(self, dialogues: Sequence[DialogueSpec], rounds: int, siblings: int
+                         ) -> tuple[list[Trajectory], list[TurnGroup]]:
+        """Play each dialogue branching `siblings` ways at every round; tokens and log-probs always kept.
+
+        Every round, each dialogue's history is held by `siblings` rows of the batch
+        (`batch_size` counts rows, so a batch plays batch_size // siblings dialogues):
+        they get the same user turn, sample their replies independently, and the
+        dialogue goes on with one of them picked at random (seeded): its row state and
+        KV cache are copied over the other siblings' rows, so the shared history is
+        never re-encoded. The round's new segment (turn markers, the user turn) is run
+        once per sibling: it is short next to the replies. Returns the dialogues as
+        played (the continued replies) and every round's group.
+        """
+        import random
+
+        import torch
+
+        if siblings < 1 or self.batch_size % siblings:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a positive multiple of siblings ({siblings})")
+        per_batch = self.batch_size // siblings
+        played, groups = [], []
+        for start in range(0, len(dialogues), per_batch):
+            torch.manual_seed(self.sampling.seed + start)
+            self._with_logprobs = True
+            choices = random.Random(self.sampling.seed + start)
+            batch, batch_groups = self._play_batch(dialogues[start: start + per_batch], rounds, True,
+                                                   siblings=siblings, choose=partial(choices.randrange, siblings))
+            played += batch
+            groups += [TurnGroup(start + g.dialogue_index, g.round_number, g.replies, g.continued) for g in batch_groups]
+        return played, groups
 
     # ------------------------------------------------------------------ one batch
 
-    def _play_batch(self, specs: Sequence[DialogueSpec], rounds: int, with_tokens: bool) -> list[Trajectory]:
+    def _play_batch(self, specs: Sequence[DialogueSpec], rounds: int, with_tokens: bool, *, siblings: int = 1,
+                    choose: Callable[[], int] | None = None) -> tuple[list[Trajectory], list[TurnGroup]]:
+        """Play a batch; with `siblings` > 1, each spec has that many consecutive rows (see `play_turn_groups`)."""
         rows = [_Row(spec, ([{"role": "system", "content": spec.system_prompt}] if spec.system_prompt else [])
-                     + list(spec.history)) for spec in specs]
+                     + list(spec.history)) for spec in specs for _ in range(siblings)]
+        groups: list[TurnGroup] = []
         in_cache: list[_Row] = []  # rows held by `cache`, in its batch order
         cache = None
         for round_number in range(1, rounds + 1):
-            for row in rows:
+            for first in range(0, len(rows), siblings):
+                row = rows[first]
                 if row.active:
+                    # Asked once per dialogue: a simulated user must not answer the siblings differently.
                     text = row.spec.user.next_user_turn(row.messages, round_number)
-                    if text is None:
-                        row.active = False
-                        continue
                     prefix = row.spec.user_prefix.get(round_number)
-                    row.messages.append({"role": "user", "content": f"{prefix} {text}" if prefix else text})
+                    for sibling in rows[first: first + siblings]:
+                        if text is None:
+                            sibling.active = False
+                        else:
+                            sibling.messages.append({"role": "user",
+                                                     "content": f"{prefix} {text}" if prefix else text})
             live = [row for row in rows if row.active]
             if not live:
                 break
@@ -182,7 +237,45 @@ class RolloutEngine:
                 cache = self._compact(live, cache)
             cache = self._generate_round(live, cache, round_number)
             in_cache = live
-        return [self._trajectory(row, with_tokens) for row in rows]
+            if siblings > 1:
+                groups += self._branch(rows, live, cache, siblings, round_number, choose)
+        return [self._trajectory(row, with_tokens) for row in rows[::siblings]], groups
+
+    def _branch(self, rows: list[_Row], live: list[_Row], cache, siblings: int, round_number: int,
+                choose: Callable[[], int]) -> list[TurnGroup]:
+        """Record each live dialogue's sibling replies, then copy the continued sibling over the others."""
+        import torch
+
+        groups, source = [], list(range(len(live)))
+        slot = {id(row): i for i, row in enumerate(live)}
+        for first in range(0, len(rows), siblings):
+            family = rows[first: first + siblings]
+            if not family[0].active:
+                continue
+            replies = [self._reply_only(self._trajectory(row, True), round_number) for row in family]
+            chosen = choose()
+            groups.append(TurnGroup(first // siblings, round_number, replies, chosen))
+            for k, row in enumerate(family):
+                if k != chosen:
+                    rows[first + k] = _copy_row(family[chosen])
+                    source[slot[id(row)]] = slot[id(family[chosen])]
+        live[:] = [row for row in rows if row.active]
+        if cache is not None and source != list(range(len(source))):
+            index = torch.tensor(source, device=cache.layers[0].keys.device)
+            for layer in cache.layers:
+                layer.keys.copy_(layer.keys[index])
+                layer.values.copy_(layer.values[index])
+        return groups
+
+    @staticmethod
+    def _reply_only(trajectory: Trajectory, round_number: int) -> Trajectory:
+        """A snapshot that later rounds cannot change, with only this round's reply marked as generated."""
+        trajectory.messages = [dict(m) for m in trajectory.messages]
+        trajectory.ended_properly = list(trajectory.ended_properly)
+        trajectory.generated_tokens = list(trajectory.generated_tokens)
+        trajectory.assistant_mask = [m if turn == round_number else 0
+                                     for m, turn in zip(trajectory.assistant_mask, trajectory.turn_index, strict=True)]
+        return trajectory
 
     def _compact(self, rows: list[_Row], cache) -> Any:
         """Drop masked positions (padding, tokens after a reply's end) from the rows and the cache.
@@ -505,6 +598,12 @@ class RolloutEngine:
             trajectory.turn_index = [row.turn[i] for i in keep]
             trajectory.logprobs = [row.logprob[i] for i in keep]
         return trajectory
+
+
+def _copy_row(row: _Row) -> _Row:
+    """A row with its own copy of every list (the spec, and with it the user source, stays shared)."""
+    return _Row(**{f.name: (copy.deepcopy(getattr(row, f.name)) if f.name != "spec" else row.spec)
+                   for f in fields(_Row)})
 
 
 def _length_groups(lengths: list[int], overhead: float) -> list[list[int]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dialogrl.training import ppo, ppo_math
+from dialogrl.training import ppo, ppo_math, turn_scores
 from dialogrl.training.config import load_recipe
 from dialogrl.training.ppo_config import PPORecipe
 
@@ -101,7 +101,7 @@ def test_rule_score_is_zero_for_repeats_and_echoes_of_a_compliant_reply():
     for user, reply in turns:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
 
-    assert ppo.rule_scores(scenario, messages) == [1.0, 0.0, 0.0, 1.0, 0.0]
+    assert turn_scores.rule_scores(scenario, messages) == [1.0, 0.0, 0.0, 1.0, 0.0]
 
 
 # --------------------------------------------------------------------------- step 0
@@ -236,16 +236,19 @@ def t_words_share(reply: str) -> float:
     return sum(word[0].lower() == "t" for word in words) / len(words) if words else 0.0
 
 
-def test_rule_reward_rises_while_kl_stays_bounded(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("advantage", ["gae", "episode_group", "turn_group"])
+def test_rule_reward_rises_while_kl_stays_bounded(tiny_model_dir, tmp_path, advantage):
     """24 updates of 32 two-token replies: the mean rule score of the last 5 updates beats the first 5 by more
-    than 0.2 (measured, seeds 0-5: 0.07-0.12 -> 0.32-0.97), and the KL to the reference stays below 20 nats
-    per episode (measured maximum 5-14)."""
+    than 0.2 (measured, seeds 0-5, gae: 0.07-0.12 -> 0.32-0.97), and the KL to the reference stays below 20 nats
+    per episode (measured maximum 5-14). The group modes play 8 scenarios x G = 4 (one round, so turn_group's
+    siblings are episode_group's episodes, through the branching engine)."""
     updates, seed = 24, 0
     recipe = ppo_recipe(
         tiny_model_dir, tmp_path / "out", f"ppo.updates={updates}", "episodes.rounds=1", "sampling.max_new_tokens=2",
         "ppo.episodes_per_update=32", "ppo.minibatch_episodes=16", "ppo.generation_batch_size=32",
         "ppo.learning_rate=1.5e-3", "ppo.critic_learning_rate=1e-3", "reward.cut_penalty=0",
-        f"ppo.seed={seed}", f"sampling.seed={seed}", f"episodes.seed={seed}")
+        f"ppo.seed={seed}", f"sampling.seed={seed}", f"episodes.seed={seed}", f"ppo.advantage={advantage}",
+        "ppo.group_size=4")
     trainer, _ = ppo.build(recipe, rule_score_fn=t_words_share, log=silent)
     history = [trainer.step() for _ in range(updates)]  # train() would also write checkpoints: not needed here
     scores = [h["reward/score"] for h in history]  # no reward model and no cut penalty: the mean rule score
@@ -306,6 +309,32 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_model_d
             assert first_two[key] == pytest.approx(first_one[key], rel=1e-4, abs=1e-5), key
     assert lines_one[0]["grad_norm/policy"] > 0 and lines_one[0]["loss/value"] > 0
     assert abs(lines_one[1]["kl/episode"]) > 1e-3  # update 2 starts from the trained policy: its step counts too
+
+
+def test_turn_group_two_processes_match_one_process_on_sampled_replies(tiny_model_dir, tmp_path):
+    """turn_group with sampled replies (temperature 1): 2 processes x 2 dialogues vs 1 process x 4 dialogues,
+    played one per generation batch. A dialogue's sampling seed counts from its global index, so both runs
+    sample the same siblings and pick the same ones to continue: same scores, losses and gradient norms."""
+    common = ["ppo", "--config", str(stage_file(tmp_path)), f"model.name_or_path={tiny_model_dir}",
+              "reward.rm_weight=0", "reward.rule_weight=1", "tracking.report_to=none", "ppo.updates=1",
+              "ppo.epochs=1", "episodes.rounds=2", "sampling.max_new_tokens=6", "sampling.temperature=1.0",
+              "ppo.learning_rate=1e-3", "ppo.advantage=turn_group", "ppo.group_size=2",
+              "ppo.generation_batch_size=2", "ppo.scale_by_group_std=false", "responsiveness.enabled=false"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO_ROOT / "recipes" / "accelerate" / "cpu.yaml"), "-m", "dialogrl.training.cli"]
+    two = subprocess.run([*launch, *common, "ppo.episodes_per_update=4", "ppo.minibatch_episodes=4",
+                          f"output_dir={tmp_path / 'two'}"], capture_output=True, text=True, timeout=600, env=cli_env())
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([*CLI, *common, "ppo.episodes_per_update=8", "ppo.minibatch_episodes=8",
+                          f"output_dir={tmp_path / 'one'}"], capture_output=True, text=True, timeout=600, env=cli_env())
+    assert one.returncode == 0, one.stderr[-3000:]
+    (first_two,), (first_one,) = metrics(tmp_path / "two"), metrics(tmp_path / "one")
+    assert first_two["rollout/episodes"] == first_one["rollout/episodes"] == 8
+    for key in ("reward/score", "reward/rule", "reward/gate_pass", "kl/episode", "rollout/response_len",
+                "rollout/generated_tokens", "loss/policy", "loss/kl", "policy/ratio", "policy/entropy",
+                "grad_norm/policy"):
+        assert first_two[key] == pytest.approx(first_one[key], rel=1e-4, abs=1e-5), key
+    assert first_one["grad_norm/policy"] > 0
 
 
 # --------------------------------------------------------------------------- resume
@@ -388,5 +417,91 @@ def test_rule_and_reward_model_weights_both_zero_is_a_recipe_error(tiny_model_di
                            f"output_dir={tmp_path / 'out'}", "reward.rm_weight=0", "reward.rule_weight=0"],
                           capture_output=True, text=True, timeout=300, env=cli_env())
     assert done.returncode == 2, done.stderr
-    assert "'reward'" in done.stderr and "rule_weight" in done.stderr and "Traceback" not in done.stderr
+    assert "nothing scores a turn" in done.stderr and "rule_weight" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+# --------------------------------------------------------------------------- group-relative advantages
+
+
+@pytest.mark.parametrize("credit", ["episode", "return_to_go"])
+def test_episode_group_advantages_equal_the_hand_worked_ones(tiny_model_dir, tmp_path, credit):
+    """episode_group, G = 2, scores unnormalised and no KL in the reward: each row's advantage is one value per
+    reply, its (return-to-go) minus its group's mean, worked out here from the rollout's raw turn scores."""
+    gamma = 0.5
+    trainer, _ = ppo.build(ppo_recipe(tiny_model_dir, tmp_path / "out", "ppo.advantage=episode_group",
+                                      "ppo.group_size=2", f"ppo.episode_credit={credit}", "ppo.scale_by_group_std=false",
+                                      "reward.normalise=false", "reward.cut_penalty=0", f"ppo.gamma_turn={gamma}"),
+                           rule_score_fn=words_score, log=silent)
+    assert trainer.unwrapped.critic is None  # no critic is loaded in a group mode...
+    assert [g["name"] for g in trainer.optimizer.param_groups] == ["policy"]  # ...nor trained
+    trainer.unwrapped.eval()
+    rollout = trainer.rollout()
+    assert len(rollout.trajectories) == 4 and rollout.group_ids.tolist() == [0, 0, 1, 1]
+    assert rollout.scenarios[0] is rollout.scenarios[1] and rollout.scenarios[1] is not rollout.scenarios[2]
+    stats = trainer.prepare_batch(rollout)
+    assert "value/explained_variance" not in stats and rollout.old_values is None
+    s = rollout.raw_scores.tolist()  # [4 rows, 2 turns], words / 8 per reply
+    for row in range(4):
+        mate = row ^ 1  # the other row of its group
+        for turn in range(2):
+            if credit == "episode":
+                mine, theirs = (s[r][0] + gamma * s[r][1] for r in (row, mate))
+            else:
+                mine, theirs = (sum(gamma ** (j - turn) * s[r][j] for j in range(turn, 2)) for r in (row, mate))
+            expected = mine - (mine + theirs) / 2
+            tokens = rollout.action_mask[row] & (rollout.turn_ids[row] == turn)
+            assert tokens.any()
+            torch.testing.assert_close(rollout.advantages[row][tokens],
+                                       torch.full((int(tokens.sum()),), expected), atol=1e-6, rtol=0)
+    assert float(rollout.advantages[~rollout.action_mask].abs().max()) == 0.0
+
+
+def test_turn_group_rows_are_siblings_and_their_advantages_are_relative(tiny_model_dir, tmp_path):
+    """turn_group, G = 3, 2 rounds, a budget of 6 episodes = 2 dialogues branching 3 ways: each round of each
+    dialogue is a group of 3 rows sharing their history, each row trains on its own reply only, and each
+    row's advantage is its score minus the mean of its 2 siblings' (leave-one-out)."""
+    trainer, _ = ppo.build(ppo_recipe(tiny_model_dir, tmp_path / "out", "ppo.advantage=turn_group",
+                                      "ppo.group_size=3", "ppo.group_baseline=leave_one_out",
+                                      "ppo.scale_by_group_std=false", "ppo.episodes_per_update=6",
+                                      "ppo.minibatch_episodes=3", "ppo.generation_batch_size=6",
+                                      "reward.normalise=false", "reward.cut_penalty=0", "ppo.kl_penalty=loss"),
+                           rule_score_fn=words_score, log=silent)
+    trainer.unwrapped.eval()
+    rollout = trainer.rollout()
+    assert len(rollout.trajectories) == 2 * 2 * 3 and rollout.episodes == 6  # dialogues x rounds x siblings
+    stats = trainer.prepare_batch(rollout)
+    assert stats["rollout/episodes"] == 6
+    ids = rollout.group_ids.tolist()
+    for group in sorted(set(ids)):
+        rows = [r for r, g in enumerate(ids) if g == group]
+        assert len(rows) == 3
+        first = [int(rollout.action_mask[r].nonzero()[0]) for r in rows]
+        assert len(set(first)) == 1  # the reply starts at the same position: one shared history
+        assert len({tuple(rollout.input_ids[r, : first[0] + 1].tolist()) for r in rows}) == 1
+        turns = {int(t) for r in rows for t in rollout.turn_ids[r][rollout.action_mask[r]]}
+        assert len(turns) == 1  # every row of the group trains on that round's reply alone
+        (turn,) = turns
+        scores = [float(rollout.raw_scores[r, turn]) for r in rows]
+        assert sum(not math.isnan(float(x)) for r in rows for x in rollout.raw_scores[r]) == 3
+        for r, score in zip(rows, scores, strict=True):
+            others = [x for q, x in zip(rows, scores, strict=True) if q != r]
+            mine = rollout.advantages[r][rollout.action_mask[r]]
+            torch.testing.assert_close(mine, torch.full_like(mine, score - sum(others) / 2), atol=1e-6, rtol=0)
+    step = trainer._minibatch_step(rollout, torch.arange(len(rollout.trajectories)), 1)
+    assert "loss/value" not in step and step["loss/kl"] == pytest.approx(0.0, abs=1e-9)  # k3 is 0 at step 0
+
+
+@pytest.mark.parametrize("advantage", ["episode_group", "turn_group"])
+def test_group_modes_save_no_critic_and_resume(tiny_model_dir, tmp_path, advantage):
+    out = tmp_path / "out"
+    settings = [f"ppo.advantage={advantage}", "ppo.group_size=2", "ppo.updates=2", "ppo.save_every=1",
+                "ppo.learning_rate=1e-3"]
+    trainer, _ = ppo.build(ppo_recipe(tiny_model_dir, out, *settings), rule_score_fn=words_score, log=silent)
+    summary = ppo.train(trainer, None, log=silent)
+    assert summary["global_step"] == 2 and summary["metrics"]["generated_tokens"] > 0
+    from safetensors.torch import load_file
+
+    (weights,) = (out / "checkpoint-1").glob("model*.safetensors")
+    assert not any(name.startswith("critic.") for name in load_file(weights))
+    assert all("loss/value" not in line for line in metrics(out))

@@ -14,6 +14,7 @@ from dialogrl.training.ppo_math import (
     RunningMoments,
     entropy_from_logits,
     explained_variance,
+    group_advantages,
     kl_penalty,
     logprobs_from_logits,
     masked_mean,
@@ -21,6 +22,7 @@ from dialogrl.training.ppo_math import (
     masked_whiten,
     place_turn_rewards,
     policy_loss,
+    returns_to_go,
     turn_aware_gae,
     value_loss,
 )
@@ -350,3 +352,65 @@ def test_explained_variance():
     constant = torch.full_like(returns, float(masked_mean(returns, mask)))
     assert explained_variance(constant, garbage, mask).item() == pytest.approx(0.0, abs=1e-6)
     assert explained_variance(returns, torch.ones(3, 10), mask).item() == 0.0
+
+
+def test_group_advantages_hand_worked():
+    """Groups {1, 3}, {2, 2} (all equal) and {0, 3, 6}.
+
+    mean baseline:      {1, 3} -> {-1, 1}; {2, 2} -> {0, 0}; {0, 3, 6} -> {-3, 0, 3}
+    scaled by the std:  std{1, 3} = sqrt((1 + 1) / 1) = sqrt 2 -> {-1/sqrt 2, 1/sqrt 2}; std{2, 2} = 0 -> {0, 0}
+                        (0 / eps, not NaN); std{0, 3, 6} = sqrt((9 + 0 + 9) / 2) = 3 -> {-1, 0, 1}
+    leave-one-out:      1 - 3 = -2, 3 - 1 = 2; 0, 0; 0 - 4.5 = -4.5, 3 - 3 = 0, 6 - 1.5 = 4.5
+    """
+    scores = torch.tensor([1.0, 3.0, 2.0, 2.0, 0.0, 3.0, 6.0])
+    groups = torch.tensor([7, 7, 2, 2, 5, 5, 5])  # any ids; rows of a group need not be adjacent
+    torch.testing.assert_close(group_advantages(scores, groups), torch.tensor([-1.0, 1, 0, 0, -3, 0, 3]))
+    scaled = group_advantages(scores, groups, scale_by_std=True)
+    r = 1 / math.sqrt(2)
+    torch.testing.assert_close(scaled, torch.tensor([-r, r, 0, 0, -1, 0, 1]), atol=1e-5, rtol=0)
+    assert not torch.isnan(scaled).any()
+    torch.testing.assert_close(group_advantages(scores, groups, baseline="leave_one_out"),
+                               torch.tensor([-2.0, 2, 0, 0, -4.5, 0, 4.5]))
+    shuffled = torch.tensor([6, 0, 3, 4, 1, 5, 2])
+    torch.testing.assert_close(group_advantages(scores[shuffled], groups[shuffled]),
+                               group_advantages(scores, groups)[shuffled])
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        group_advantages(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 0, 1]), baseline="leave_one_out")
+    with pytest.raises(ValueError, match="unknown group baseline"):
+        group_advantages(scores, groups, baseline="median")
+
+
+def test_returns_to_go_skip_absent_turns():
+    """[1, 2, 4] with gamma 0.5: 4; 2 + 0.5 * 4 = 4; 1 + 0.5 * 4 = 3. A row that ended after 2 turns: [1, 2, nan]
+    -> [1 + 0.5 * 2, 2, nan]."""
+    nan = float("nan")
+    out = returns_to_go(torch.tensor([[1.0, 2.0, 4.0], [1.0, 2.0, nan]]), 0.5)
+    torch.testing.assert_close(out, torch.tensor([[3.0, 4.0, 4.0], [2.0, 2.0, nan]]), equal_nan=True)
+
+
+def test_whitening_and_explained_variance_across_processes_equal_one_process():
+    """Two halves reduced with a summing all-reduce equal the whole batch on one process."""
+    torch.manual_seed(0)
+    x, v = torch.randn(4, 6), torch.randn(4, 6)
+    mask = torch.rand(4, 6) > 0.3
+    halves = [(x[:2], v[:2], mask[:2]), (x[2:], v[2:], mask[2:])]
+
+    def summed(part: int):
+        calls = []
+
+        def all_reduce(local: torch.Tensor) -> torch.Tensor:
+            # What the other "process" contributes: the same statistic computed on its half.
+            calls.append(local)
+            other_x, other_v, other_mask = halves[1 - part]
+            picked = (other_x if len(calls) % 2 or not evs else other_x - other_v)[other_mask.bool()].double()
+            return local + torch.stack([picked.sum(), picked.square().sum(), torch.tensor(float(picked.numel()))])
+        return all_reduce
+
+    evs = False
+    whitened = torch.cat([masked_whiten(hx, hm, all_reduce=summed(i)) for i, (hx, _hv, hm) in enumerate(halves)])
+    torch.testing.assert_close(whitened, masked_whiten(x, mask), atol=1e-6, rtol=1e-6)
+    evs = True
+    # explained_variance(values, returns): first the returns' moments (x), then the residual's (x - v).
+    for i, (hx, hv, hm) in enumerate(halves):
+        torch.testing.assert_close(explained_variance(hv, hx, hm, all_reduce=summed(i)),
+                                   explained_variance(v, x, mask), atol=1e-6, rtol=1e-6)

@@ -216,3 +216,67 @@ def test_pressure_turns_replace_the_base_turn_at_their_rounds():
     assert source.next_user_turn([], 4) is None
     with pytest.raises(ValueError, match="unknown pressure kinds"):
         PressureUser(ReplayedUser([]), {1: "shout"})
+
+
+# --------------------------------------------------------------------------- turn groups (group-relative RL)
+
+
+def play_groups(model, tokenizer, siblings=3, batch_size=6):
+    engine = RolloutEngine(model, tokenizer, SamplingConfig(max_new_tokens=10, temperature=1.0, seed=3),
+                           batch_size=batch_size, chunk_tokens=4)
+    return engine.play_turn_groups(specs(), rounds=4, siblings=siblings)
+
+
+def test_turn_group_siblings_share_their_history_token_for_token(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    played, groups = play_groups(model, tokenizer)
+    assert [(g.dialogue_index, g.round_number) for g in groups[:2]] == [(0, 1), (1, 1)]
+    assert sorted((g.dialogue_index, g.round_number) for g in groups) == [
+        (d, r) for d, rounds in enumerate([4, 3, 4]) for r in range(1, rounds + 1)]
+    distinct = 0
+    for group in groups:
+        assert len(group.replies) == 3
+        starts = [t.assistant_mask.index(1) for t in group.replies]
+        assert len(set(starts)) == 1  # the reply starts at the same position in every sibling
+        histories = {tuple(t.token_ids[: starts[0]]) for t in group.replies}
+        assert len(histories) == 1
+        assert len({str(t.messages[:-1]) for t in group.replies}) == 1
+        for t in group.replies:  # only this round's reply is marked as generated
+            marked = [i for i, m in enumerate(t.assistant_mask) if m]
+            assert marked == list(range(starts[0], len(t.token_ids)))
+            assert len(marked) == t.generated_tokens[-1] and t.rounds == group.round_number
+        distinct += len({t.messages[-1]["content"] for t in group.replies}) > 1
+    assert distinct >= len(groups) // 2  # sampled independently: siblings usually differ
+
+
+def test_only_the_continued_sibling_enters_the_next_round(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    played, groups = play_groups(model, tokenizer)
+    by_key = {(g.dialogue_index, g.round_number): g for g in groups}
+    assert {g.continued for g in groups} != {0}  # picked at random, not always the first
+    for d, dialogue in enumerate(played):
+        replies = [m["content"] for m in dialogue.messages if m["role"] == "assistant"]
+        for r, reply in enumerate(replies, start=1):
+            group = by_key[(d, r)]
+            assert group.replies[group.continued].messages[-1]["content"] == reply
+            if (d, r + 1) in by_key:
+                later = by_key[(d, r + 1)].replies[0]
+                assert later.messages[: len(group.replies[0].messages)] == group.replies[group.continued].messages
+
+
+def test_turn_group_logprobs_equal_a_forward_pass_over_the_sibling(model_and_tokenizer):
+    """The copied cache is the continued sibling's: every sibling's recorded log-probs (sampled on top of the
+    forked cache) equal a plain forward pass over its whole token sequence."""
+    import torch
+
+    model, tokenizer = model_and_tokenizer
+    _played, groups = play_groups(model, tokenizer)
+    for group in [g for g in groups if g.round_number >= 3]:
+        for t in group.replies:
+            ids = torch.tensor([t.token_ids])
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[0, :-1].float()
+            expected = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
+            marked = [i for i, m in enumerate(t.assistant_mask) if m]
+            recorded = torch.tensor([t.logprobs[i] for i in marked])
+            torch.testing.assert_close(recorded, expected[[i - 1 for i in marked]], atol=1e-4, rtol=1e-4)

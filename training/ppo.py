@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
-from dialogrl.evaluation.evaluate import dialogue_specs, standing_checks
-from dialogrl.evaluation.gate import GateConfig
+from dialogrl.evaluation.evaluate import dialogue_specs
 from dialogrl.evaluation.scenarios import Scenario, ScenarioConfig, build_scenarios
-from dialogrl.evaluation.verdicts import DialogueToJudge, judge
 from dialogrl.training.config import dump_recipe, save_recipe
 from dialogrl.training.ppo_config import PPORecipe
 from dialogrl.training.ppo_trainer import STATE_FILENAME, ActorCritic, PPOTrainer, summarise_history
@@ -25,41 +22,31 @@ from dialogrl.training.trainer_setup import (
     lora_config,
     precision_flags,
 )
+from dialogrl.training.turn_scores import RuleScoreFn, TurnScorer
 
 METRICS_FILENAME = "metrics.jsonl"
 
 
-def rule_scores(scenario: Scenario, messages: Sequence[dict[str, str]]) -> list[float]:
-    """Per reply of a played dialogue: the mean score of the rules standing at its round, 0 if it fails the gate.
-
-    The gate is the evaluator's dialogue-aware one (`verdicts.judge` without the scorer), so a reply
-    that repeats an earlier reply or echoes the user earns no rule score: rewarding one compliant
-    sentence said to every turn is how a policy learns to parrot.
-    """
-    dialogue = DialogueToJudge(list(messages), lambda round_number, reply: standing_checks(scenario, round_number, reply))
-    (turns,) = judge([dialogue], GateConfig())
-    return [_mean_score(turn["checks"]) if turn["gate_pass"] else 0.0 for turn in turns]
-
-
-def _mean_score(checks: list[dict]) -> float:
-    return sum(c["score"] for c in checks) / len(checks) if checks else 1.0
-
-
 def episode_source(recipe: PPORecipe):
-    """(update, process, processes) -> that process's episodes: one fixed list, cut the same way on every run."""
+    """(update, process, processes) -> that process's scenarios: one fixed list, cut the same way on every run.
+
+    The group modes play each scenario group_size times (or branching group_size ways), so a
+    process gets episodes_per_update / group_size of them.
+    """
     e, o = recipe.episodes, recipe.ppo
+    per_process = o.episodes_per_update if o.uses_critic else o.episodes_per_update // o.group_size
     cache: dict[int, list[Scenario]] = {}
 
     def episodes(update: int, process: int, processes: int) -> list[Scenario]:
-        per_update = o.episodes_per_update * processes
+        per_update = per_process * processes
         if processes not in cache:
             config = ScenarioConfig(
                 dialogues=per_update * o.updates, rounds=e.rounds, seed=e.seed, user_source=e.user_source,
                 unseen_fraction=0.0, min_constraints=e.min_constraints, max_constraints=e.max_constraints,
                 user_rule_fraction=e.user_rule_fraction, max_intro_round=e.max_intro_round, pressure=dict(e.pressure))
             cache[processes] = build_scenarios(config, split="train")
-        start = update * per_update + process * o.episodes_per_update
-        return cache[processes][start: start + o.episodes_per_update]
+        start = update * per_update + process * per_process
+        return cache[processes][start: start + per_process]
 
     return episodes
 
@@ -87,7 +74,7 @@ def _simulated_user(recipe: PPORecipe, policy, reference, tokenizer):
 
 
 def load_models(recipe: PPORecipe):
-    """Policy (+ LoRA), reference, critic, reward model and the tokenizers."""
+    """Policy (+ LoRA), reference, critic (gae only, else None), reward model and the tokenizers."""
     import torch
 
     from dialogrl.training.models import ModelConfig, load_causal_lm, load_scorer
@@ -113,17 +100,31 @@ def load_models(recipe: PPORecipe):
         reward_tokenizer, reward_chat, rm_resolved, rm_added = load_training_tokenizer(scorer_config(recipe.reward.model))
         reward_model = fit_to_tokenizer(load_scorer(scorer_config(recipe.reward.model), rm_resolved),
                                         reward_tokenizer, rm_added).eval().requires_grad_(False)
-    critic_source = recipe.critic_from or recipe.reward.model or recipe.model.name_or_path
-    critic = load_scorer(scorer_config(critic_source))
-    if critic.get_input_embeddings().num_embeddings < len(tokenizer):
-        critic.resize_token_embeddings(len(tokenizer))
-    critic.config.pad_token_id = tokenizer.pad_token_id
-    if recipe.critic_from is None and not recipe.reward.model:
-        torch.nn.init.zeros_(critic.score.weight)  # a fresh head predicts 0 rather than noise
+    critic = None
+    if recipe.ppo.uses_critic:
+        critic_source = recipe.critic_from or recipe.reward.model or recipe.model.name_or_path
+        critic = load_scorer(scorer_config(critic_source))
+        if critic.get_input_embeddings().num_embeddings < len(tokenizer):
+            critic.resize_token_embeddings(len(tokenizer))
+        critic.config.pad_token_id = tokenizer.pad_token_id
+        if recipe.critic_from is None and not recipe.reward.model:
+            torch.nn.init.zeros_(critic.score.weight)  # a fresh head predicts 0 rather than noise
     return policy, reference, critic, reward_model, reward_chat, tokenizer
 
 
-def build(recipe: PPORecipe, *, rule_score_fn=rule_scores, log=print) -> tuple[PPOTrainer, str | None]:
+def responsiveness_scorer(recipe: PPORecipe):
+    """The evaluator's fixed scorer, when `responsiveness.enabled`; it scores every reply of every rollout."""
+    if not recipe.responsiveness.enabled:
+        return None
+    from dialogrl.evaluation.run import build_scorer
+    from dialogrl.training.eval_stage import scorer_loader
+
+    return build_scorer(recipe.responsiveness, scorer_loader(recipe, recipe.model))
+
+
+def build(recipe: PPORecipe, *, rule_score_fn: RuleScoreFn | None = None, log=print
+          ) -> tuple[PPOTrainer, str | None]:
+    """The trainer and the checkpoint to resume from; `rule_score_fn` replaces the gated rule score (tests)."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -141,8 +142,9 @@ def build(recipe: PPORecipe, *, rule_score_fn=rule_scores, log=print) -> tuple[P
     actor_critic = ActorCritic(policy, critic)
     groups = [
         {"name": "policy", "params": [p for p in policy.parameters() if p.requires_grad], "lr": recipe.ppo.learning_rate},
-        {"name": "critic", "params": list(critic.parameters()), "lr": recipe.ppo.critic_learning_rate},
     ]
+    if critic is not None:
+        groups.append({"name": "critic", "params": list(critic.parameters()), "lr": recipe.ppo.critic_learning_rate})
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     # One prepare call for everything that trains: DDP, FSDP and DeepSpeed all wrap one module and one optimizer.
     actor_critic, optimizer = accelerator.prepare(actor_critic, optimizer)
@@ -153,11 +155,13 @@ def build(recipe: PPORecipe, *, rule_score_fn=rule_scores, log=print) -> tuple[P
         reward_model.to(device)
     unwrapped = accelerator.unwrap_model(actor_critic)
     simulated = _simulated_user(recipe, unwrapped.policy, reference, tokenizer)
+    turn_scorer = TurnScorer(recipe, reward_model=reward_model, reward_chat=reward_chat,
+                             responsiveness_scorer=responsiveness_scorer(recipe), rule_score=rule_score_fn,
+                             batch_size=recipe.ppo.generation_batch_size)
     trainer = PPOTrainer(
-        recipe, accelerator, actor_critic, optimizer, tokenizer, reference=reference, reward_model=reward_model,
-        reward_chat=reward_chat, episode_source=episode_source(recipe),
-        spec_builder=lambda scenarios: dialogue_specs(scenarios, "none", simulated),
-        rule_score=rule_score_fn, log=log,
+        recipe, accelerator, actor_critic, optimizer, tokenizer, reference=reference, turn_scorer=turn_scorer,
+        episode_source=episode_source(recipe), spec_builder=lambda scenarios: dialogue_specs(scenarios, "none", simulated),
+        log=log,
     )
     if trackers:
         accelerator.init_trackers(recipe.tracking.project, config={"recipe": dump_recipe(recipe)})
@@ -165,13 +169,19 @@ def build(recipe: PPORecipe, *, rule_score_fn=rule_scores, log=print) -> tuple[P
 
 
 def format_stats(stats: dict) -> str:
-    return (f"update {stats['update']}: score {stats['reward/score']:.3f} (rm {stats['reward/rm']:.2f} "
-            f"rule {stats['reward/rule']:.2f} cut {stats['reward/cut_share']:.2f}) kl {stats['kl/episode']:.3f} "
-            f"beta {stats['kl/beta']:.3f} ratio {stats['policy/ratio']:.3f} clipfrac {stats['policy/clipfrac']:.3f} "
-            f"vloss {stats['loss/value']:.3f} ev {stats['value/explained_variance']:.2f} "
-            f"entropy {stats['policy/entropy']:.2f} len {stats['rollout/response_len']:.1f} "
-            f"ended {stats['rollout/ended_properly']:.2f} | rollout {stats['time/rollout']:.1f}s "
-            f"update {stats['time/update']:.1f}s")
+    parts = [f"update {stats['update']}: score {stats['reward/score']:.3f} (rm {stats['reward/rm']:.2f} "
+             f"rule {stats['reward/rule']:.2f} resp {stats['reward/responsiveness']:.2f} "
+             f"cut {stats['reward/cut_share']:.2f}"]
+    if "reward/gate_pass" in stats:
+        parts.append(f" gate {stats['reward/gate_pass']:.2f}")
+    parts.append(f") kl {stats['kl/episode']:.3f} beta {stats['kl/beta']:.3f} ratio {stats['policy/ratio']:.3f} "
+                 f"clipfrac {stats['policy/clipfrac']:.3f}")
+    if "loss/value" in stats:
+        parts.append(f" vloss {stats['loss/value']:.3f} ev {stats['value/explained_variance']:.2f}")
+    parts.append(f" entropy {stats['policy/entropy']:.2f} len {stats['rollout/response_len']:.1f} "
+                 f"ended {stats['rollout/ended_properly']:.2f} | rollout {stats['time/rollout']:.1f}s "
+                 f"update {stats['time/update']:.1f}s")
+    return "".join(parts)
 
 
 def train(trainer: PPOTrainer, resume_from: str | None, log=print) -> dict:
@@ -244,6 +254,8 @@ def model_card(recipe: PPORecipe, summary: dict) -> str:
     rows = "\n".join(f"| {k} | {m['first'][k]:.4g} | {m['last'][k]:.4g} |" for k in m.get("first", {})
                      if m["first"][k] is not None and m["last"][k] is not None)
     lora: LoraOptions = recipe.lora
+    group = "" if recipe.ppo.uses_critic else f" (group size {recipe.ppo.group_size})"
+    responsiveness = recipe.reward.responsiveness_weight if recipe.responsiveness.enabled else 0
     return f"""---
 base_model: {recipe.model.name_or_path}
 library_name: transformers
@@ -253,8 +265,9 @@ tags: [dialogrl, ppo]
 
 `dialogrl ppo` from **{recipe.model.name_or_path}** ({"LoRA adapter" if lora.enabled else "full weights"}):
 {summary['global_step']} updates of {recipe.ppo.episodes_per_update} episodes x {summary['world_size']} process(es),
-{recipe.episodes.rounds} rounds each ({recipe.episodes.user_source} user), reward model {recipe.reward.model}
-(weight {recipe.reward.rm_weight}), rule weight {recipe.reward.rule_weight}.
+{recipe.episodes.rounds} rounds each ({recipe.episodes.user_source} user), advantages `{recipe.ppo.advantage}`{group},
+reward model {recipe.reward.model} (weight {recipe.reward.rm_weight}), rule weight {recipe.reward.rule_weight},
+responsiveness weight {responsiveness}.
 {summary['seconds']:.0f} s in all, {m.get('seconds_per_update', 0):.1f} s per update,
 {100 * (m.get('generation_share') or 0):.0f}% of it generating. Curves: `ppo_curves.png`; every update: `metrics.jsonl`.
 
@@ -277,8 +290,10 @@ def plot_curves(history: list[dict], path: Path) -> None:
     if not history:
         return
     updates = [h["update"] for h in history]
-    panels = [("reward/score", "mean turn score (raw)"), ("kl/episode", "KL to reference per episode"),
-              ("value/explained_variance", "critic explained variance"), ("rollout/response_len", "reply tokens")]
+    panels = [("reward/score", "mean turn score (raw)"), ("reward/rule", "gated rule score"),
+              ("kl/episode", "KL to reference per episode"), ("value/explained_variance", "critic explained variance"),
+              ("rollout/response_len", "reply tokens")]
+    panels = [(key, title) for key, title in panels if key in history[0]]
     figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for axis, (key, title) in zip(axes, panels, strict=True):
         axis.plot(updates, [h[key] for h in history], marker=".")

@@ -10,6 +10,7 @@ live here, so the trainer can all-reduce the detached statistics however it runs
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -20,6 +21,7 @@ __all__ = [
     "RunningMoments",
     "entropy_from_logits",
     "explained_variance",
+    "group_advantages",
     "kl_penalty",
     "logprobs_from_logits",
     "masked_mean",
@@ -27,6 +29,7 @@ __all__ = [
     "masked_whiten",
     "place_turn_rewards",
     "policy_loss",
+    "returns_to_go",
     "turn_aware_gae",
     "value_loss",
 ]
@@ -52,18 +55,88 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return centred.square().sum() / denom
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
-    """Whiten over every masked token of the batch at once, then zero the masked-out positions.
+AllReduce = Callable[[Tensor], Tensor]  # sums a tensor over every process (identity on one process)
+
+
+def _moments(x: Tensor, mask: Tensor, all_reduce: AllReduce | None) -> tuple[Tensor, Tensor]:
+    """(mean, unbiased variance) of `x` over masked positions, over every process when `all_reduce` is given.
+
+    Across processes only sums can be reduced, so the variance comes from the sum of squares there
+    (in float64); on one process it is the centred two-pass formula of `masked_var`.
+    """
+    if all_reduce is None:
+        return masked_mean(x, mask), masked_var(x, mask)
+    mask = mask.bool()
+    picked = x[mask].double()
+    total, squares, count = all_reduce(torch.stack([picked.sum(), picked.square().sum(),
+                                                    torch.tensor(float(picked.numel()), dtype=torch.float64,
+                                                                 device=x.device)])).unbind()
+    mean = total / count.clamp(min=1)
+    var = (squares / count.clamp(min=1) - mean.square()).clamp(min=0) * count / (count - 1).clamp(min=1)
+    return mean.to(x.dtype), var.to(x.dtype)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, all_reduce: AllReduce | None = None) -> Tensor:
+    """Whiten over every masked token of the batch at once (of every process with `all_reduce`), then zero
+    the masked-out positions.
 
     Per-row or per-turn statistics would bias the advantages of short rows and late turns, which
     see few tokens; the batch-wide statistics keep one scale for the whole rollout.
     """
     mask = mask.bool()
-    mean = masked_mean(x, mask)
-    whitened = (x - mean) * torch.rsqrt(masked_var(x, mask) + 1e-8)
+    mean, var = _moments(x, mask, all_reduce)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask, whitened, 0)
+
+
+def group_advantages(scores: Tensor, group_ids: Tensor, *, baseline: str = "mean", scale_by_std: bool = False,
+                     eps: float = 1e-6) -> Tensor:
+    """Critic-free advantages [N]: each score minus the mean score of its group (rows with the same id).
+
+    `baseline="mean"` is GRPO's (the group mean, the row itself included); `"leave_one_out"` is
+    RLOO's (the mean of the *other* rows: an unbiased baseline, G/(G-1) times the plain one).
+    `scale_by_std` divides by the group's standard deviation (GRPO; Dr. GRPO argues it biases
+    towards groups whose rewards barely differ). A group whose scores are all equal gets advantage
+    0, never NaN: its std is 0 and the centred scores are 0 too, and eps keeps the division finite.
+    """
+    if scores.shape != group_ids.shape or scores.dim() != 1:
+        raise ValueError(f"scores {tuple(scores.shape)} and group_ids {tuple(group_ids.shape)} must be the same 1-D shape")
+    if baseline not in ("mean", "leave_one_out"):
+        raise ValueError(f"unknown group baseline {baseline!r}; choose 'mean' or 'leave_one_out'")
+    _, slot = torch.unique(group_ids, return_inverse=True)
+    groups = int(slot.max()) + 1 if slot.numel() else 0
+    x = scores.double()
+    size = torch.zeros(groups, dtype=torch.float64, device=x.device).index_add_(0, slot, torch.ones_like(x))
+    total = torch.zeros(groups, dtype=torch.float64, device=x.device).index_add_(0, slot, x)
+    mean = total / size
+    if baseline == "leave_one_out":
+        if bool((size < 2).any()):
+            raise ValueError("a leave-one-out baseline needs at least 2 rows in every group")
+        advantages = x - (total[slot] - x) / (size[slot] - 1)
+    else:
+        advantages = x - mean[slot]
+    if scale_by_std:
+        squares = torch.zeros(groups, dtype=torch.float64, device=x.device).index_add_(0, slot, (x - mean[slot]) ** 2)
+        std = torch.sqrt(squares / (size - 1).clamp(min=1))  # unbiased, as torch.std and TRL's GRPO
+        advantages = advantages / (std[slot] + eps)
+    return advantages.to(scores.dtype)
+
+
+def returns_to_go(turn_scores: Tensor, gamma: float) -> Tensor:
+    """[B, K] -> [B, K]: at each turn, its score plus the discounted scores of the turns after it.
+
+    Absent turns (NaN) add nothing and stay NaN, so a row's turns may end early.
+    """
+    present = ~torch.isnan(turn_scores)
+    scores = torch.nan_to_num(turn_scores)
+    out = torch.zeros_like(scores)
+    running = torch.zeros_like(scores[:, 0])
+    for k in range(scores.shape[1] - 1, -1, -1):
+        running = scores[:, k] + gamma * running
+        out[:, k] = running
+    return torch.where(present, out, float("nan"))
 
 
 def place_turn_rewards(turn_scores: Tensor, turn_ids: Tensor) -> Tensor:
@@ -217,16 +290,17 @@ def value_loss(
     return loss, stats
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
-    """1 - Var(R - V) / Var(R) over masked tokens; 0 when the returns do not vary.
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, all_reduce: AllReduce | None = None) -> Tensor:
+    """1 - Var(R - V) / Var(R) over masked tokens (of every process with `all_reduce`); 0 when the returns
+    do not vary.
 
     With constant returns the ratio is undefined; 0 ("explains nothing") keeps NaN out of the logs.
     """
     values, returns = values.detach().float(), returns.detach().float()
-    var_returns = masked_var(returns, mask)
+    _, var_returns = _moments(returns, mask, all_reduce)
     if float(var_returns) <= 1e-12:
         return torch.zeros((), device=returns.device)
-    return 1 - masked_var(returns - values, mask) / var_returns
+    return 1 - _moments(returns - values, mask, all_reduce)[1] / var_returns
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:

@@ -6,21 +6,29 @@ so this one is the project's own. One update:
 1. rollout: every process plays `episodes_per_update` dialogues of R rounds with
    the evaluation rollout engine (the same code the evaluator uses), user turns
    from the same user sources;
-2. score: each assistant turn gets reward-model score of the dialogue up to that
-   turn (+ an optional rule score), minus a penalty when the reply was cut;
-   scores are normalised by running moments gathered over all processes;
-3. old log-probs, reference log-probs and values are recomputed with plain
-   forward passes (so the first minibatch has ratio exactly 1);
-4. per-token rewards: -beta * KL on generated tokens, each turn's score on its
-   last generated token; turn-aware GAE (ppo_math.turn_aware_gae);
-5. `epochs` passes of clipped policy and value losses over shuffled minibatches,
+   In `turn_group` mode each round branches into `group_size` sibling replies
+   from one forked cache (`RolloutEngine.play_turn_groups`), and every sibling
+   is a training row of its own: its history plus its reply;
+2. score: each assistant turn gets its turn score (training/turn_scores.py:
+   reward model, gated rule score, responsiveness, cut penalty); scores are
+   normalised by running moments gathered over all processes;
+3. old log-probs, reference log-probs and (gae) values are recomputed with
+   plain forward passes (so the first minibatch has ratio exactly 1);
+4. advantages, by `ppo.advantage`: `gae` puts each turn's score on its last
+   generated token, -beta * KL on every generated token, and runs turn-aware
+   GAE with the critic (ppo_math.turn_aware_gae); the group modes have no
+   critic: an episode's return (`episode_group`) or a reply's score
+   (`turn_group`) minus the mean of its group (ppo_math.group_advantages),
+   the KL summed over a reply taken off its score first;
+5. `epochs` passes of the clipped policy loss (and the clipped value loss, gae;
+   and a k3 KL loss term with `kl_penalty: loss`) over shuffled minibatches,
    token means over the global token count.
 
 Policy and critic live in one `ActorCritic` module with one optimizer (two
 parameter groups, each with its own learning rate), so one `accelerator.prepare`
-call wraps them for DDP, FSDP or DeepSpeed ZeRO alike. The reference (a frozen
-copy, or the LoRA policy with its adapter disabled) and the reward model take
-no gradients.
+call wraps them for DDP, FSDP or DeepSpeed ZeRO alike; in the group modes the
+module holds the policy alone. The reference (a frozen copy, or the LoRA policy
+with its adapter disabled) and the reward model take no gradients.
 
 Tensor layout: `input_ids` [B, L] right-padded; every per-token tensor is
 [B, L-1] and aligned to targets: position t refers to emitting input_ids[:, t+1].
@@ -29,12 +37,12 @@ Tensor layout: `input_ids` [B, L] right-padded; every per-token tensor is
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +53,15 @@ from dialogrl.evaluation.rollout import DialogueSpec, RolloutEngine, Trajectory
 from dialogrl.evaluation.scenarios import Scenario
 from dialogrl.training import ppo_math
 from dialogrl.training.ppo_config import PPORecipe
+from dialogrl.training.turn_scores import TurnScorer
 
-# (scenario, played messages) -> one rule score per assistant reply, in order
-TurnScoreFn = Callable[[Scenario, list[dict[str, str]]], list[float]]
 STATE_FILENAME = "ppo_state.json"
 
 
 class ActorCritic(nn.Module):
-    """The policy (causal LM) and the critic (backbone + scalar head) as one trainable module."""
+    """The policy (causal LM) and the critic (backbone + scalar head, or None) as one trainable module."""
 
-    def __init__(self, policy: nn.Module, critic: nn.Module):
+    def __init__(self, policy: nn.Module, critic: nn.Module | None):
         super().__init__()
         self.policy = policy
         self.critic = critic  # a *ForSequenceClassification model; only its backbone and `score` head are used
@@ -66,22 +73,24 @@ class ActorCritic(nn.Module):
 
     def forward(self, input_ids, attention_mask):
         logits = self.policy(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, L, V]
-        return logits, self.values(input_ids, attention_mask)
+        return logits, None if self.critic is None else self.values(input_ids, attention_mask)
 
 
 @dataclass
 class Rollout:
     """One process's batch of played episodes, as tensors (see the module docstring for shapes)."""
 
-    trajectories: list[Trajectory]
-    scenarios: list[Scenario]
+    trajectories: list[Trajectory]  # one per training row (turn_group: one per sibling reply)
+    scenarios: list[Scenario]  # per row
+    episodes: int  # dialogue copies played: rows (gae, episode_group) or dialogues x group_size (turn_group)
+    group_ids: torch.Tensor  # [B] rows with the same id share a baseline (group modes); row index under gae
     input_ids: torch.Tensor  # [B, L]
     attention_mask: torch.Tensor  # [B, L]
     action_mask: torch.Tensor  # [B, L-1] 1 where input_ids[:, t+1] was generated by the policy
     turn_ids: torch.Tensor  # [B, L-1] 0-based assistant turn of each generated target, -1 elsewhere
     turn_end: torch.Tensor  # [B, K] position (in input_ids) of each turn's last generated token, -1 if absent
-    raw_scores: torch.Tensor  # [B, K] turn scores before normalisation (nan where the turn is absent)
-    score_parts: dict[str, float]  # sums over this process's turns: rm, rule, cut (count), turns (count)
+    raw_scores: torch.Tensor  # [B, K] turn scores before normalisation (nan where the turn is absent or untrained)
+    score_parts: dict[str, float]  # sums over this process's scored turns (turn_scores.PART_NAMES)
     scores: torch.Tensor | None = None  # [B, K] normalised
     old_logprobs: torch.Tensor | None = None  # [B, L-1]
     ref_logprobs: torch.Tensor | None = None
@@ -116,9 +125,8 @@ def pad_trajectories(trajectories: list[Trajectory], pad_id: int, rounds: int):
 
 class PPOTrainer:
     def __init__(self, recipe: PPORecipe, accelerator, actor_critic: ActorCritic, optimizer, tokenizer, *,
-                 reference=None, reward_model=None, reward_chat=None, simulated_user=None,
-                 episode_source: Callable[[int, int, int], list[Scenario]], spec_builder,
-                 rule_score: TurnScoreFn | None = None, log=print):
+                 reference=None, turn_scorer: TurnScorer,
+                 episode_source: Callable[[int, int, int], list[Scenario]], spec_builder, log=print):
         self.recipe = recipe
         self.options = recipe.ppo
         self.accelerator = accelerator
@@ -126,12 +134,9 @@ class PPOTrainer:
         self.optimizer = optimizer
         self.tokenizer = tokenizer
         self.reference = reference
-        self.reward_model = reward_model
-        self.reward_chat = reward_chat
-        self.simulated_user = simulated_user
+        self.turn_scorer = turn_scorer
         self.episode_source = episode_source
         self.spec_builder = spec_builder
-        self.rule_score = rule_score
         self.log = log
         self.kl_control = (ppo_math.AdaptiveKL(self.options.kl_beta, self.options.kl_target, self.options.kl_horizon)
                            if self.options.kl_target else ppo_math.FixedKL(self.options.kl_beta))
@@ -153,14 +158,8 @@ class PPOTrainer:
         tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
         return self.accelerator.reduce(tensor, reduction="sum").tolist()
 
-    def _global_whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Whitening over the generated tokens of every process (one mean and std for the whole batch)."""
-        mask = mask.bool()
-        total, squares, count = self._reduce_sum([x[mask].sum().item(), x[mask].square().sum().item(),
-                                                  mask.sum().item()])
-        mean = total / max(count, 1)
-        var = max(squares / max(count, 1) - mean**2, 0.0) * count / max(count - 1, 1)
-        return torch.where(mask, (x - mean) / math.sqrt(var + 1e-8), 0.0)
+    def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(tensor, reduction="sum")
 
     def _logprobs(self, model, input_ids, attention_mask) -> torch.Tensor:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # [B, L-1, V]
@@ -169,61 +168,41 @@ class PPOTrainer:
     # ------------------------------------------------------------------ rollout and scoring
 
     def rollout(self) -> Rollout:
+        o = self.options
         rounds = self.recipe.episodes.rounds
         scenarios = self.episode_source(self.update_index, self.accelerator.process_index,
                                         self.accelerator.num_processes)
+        if o.advantage == "episode_group":  # each scenario G times in a row, the same user script
+            scenarios = [scenario for scenario in scenarios for _ in range(o.group_size)]
         specs: list[DialogueSpec] = self.spec_builder(scenarios)
         sampling = type(self.recipe.sampling)(**{
             **vars(self.recipe.sampling),
-            # Different samples on every update and process, the same ones on a rerun.
-            "seed": self.recipe.sampling.seed + 7919 * self.update_index + self.accelerator.process_index,
+            # Different samples on every update and process, the same ones on a rerun; offset by the
+            # process's first dialogue, so a dialogue's samples do not depend on how many processes play.
+            "seed": self.recipe.sampling.seed + 7919 * self.update_index + self.accelerator.process_index * len(specs),
         })
         policy = self.unwrapped.policy
-        engine = RolloutEngine(policy, self.tokenizer, sampling, batch_size=self.options.generation_batch_size)
+        engine = RolloutEngine(policy, self.tokenizer, sampling, batch_size=o.generation_batch_size)
         with torch.no_grad():
-            trajectories = engine.play(specs, rounds, with_tokens=True)
+            if o.advantage == "turn_group":
+                _played, groups = engine.play_turn_groups(specs, rounds, o.group_size)
+                trajectories = [reply for group in groups for reply in group.replies]
+                row_scenarios = [scenarios[group.dialogue_index] for group in groups for _ in group.replies]
+                group_ids = [g for g, group in enumerate(groups) for _ in group.replies]
+                episodes = len(specs) * o.group_size
+            else:
+                trajectories = engine.play(specs, rounds, with_tokens=True)
+                row_scenarios = scenarios
+                group_ids = ([row // o.group_size for row in range(len(trajectories))]
+                             if o.advantage == "episode_group" else list(range(len(trajectories))))
+                episodes = len(trajectories)
         input_ids, attention, action_mask, turn_ids, turn_end = pad_trajectories(
             trajectories, self.tokenizer.pad_token_id, rounds)
         device = self.accelerator.device
-        scores, parts = self.turn_scores(trajectories, scenarios)
-        return Rollout(trajectories, scenarios, input_ids.to(device), attention.to(device), action_mask.to(device),
-                       turn_ids.to(device), turn_end.to(device), scores.to(device), parts)
-
-    def turn_scores(self, trajectories: list[Trajectory], scenarios: list[Scenario]
-                    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """[B, K]: weighted reward-model and rule scores per assistant turn, cut replies penalised; nan if absent.
-
-        Also the unweighted parts summed over turns, so the log shows which one moves.
-        """
-        from dialogrl.training.reward_scoring import score_conversations
-
-        options = self.recipe.reward
-        rounds = self.recipe.episodes.rounds
-        scores = torch.full((len(trajectories), rounds), float("nan"))
-        parts = {"rm": 0.0, "rule": 0.0, "cut": 0.0, "turns": 0.0}
-        rm_scores = None
-        if self.reward_model is not None and options.rm_weight:
-            rm_scores = score_conversations(self.reward_model, self.reward_chat, [t.messages for t in trajectories],
-                                            pad_id=self.reward_chat.tokenizer.pad_token_id,
-                                            batch_size=self.options.generation_batch_size)
-        for row, (trajectory, scenario) in enumerate(zip(trajectories, scenarios, strict=True)):
-            played = sum(m["role"] == "assistant" for m in trajectory.messages)
-            rules = (self.rule_score(scenario, trajectory.messages)
-                     if options.rule_weight and self.rule_score is not None else None)
-            for k in range(min(played, rounds)):
-                score = 0.0
-                parts["turns"] += 1
-                if rm_scores is not None:
-                    score += options.rm_weight * rm_scores[row][k]
-                    parts["rm"] += rm_scores[row][k]
-                if rules is not None:
-                    score += options.rule_weight * rules[k]
-                    parts["rule"] += rules[k]
-                if not trajectory.ended_properly[k]:
-                    score -= options.cut_penalty
-                    parts["cut"] += 1
-                scores[row, k] = score
-        return scores, parts
+        scored = self.turn_scorer(trajectories, row_scenarios, last_turn_only=o.advantage == "turn_group")
+        return Rollout(trajectories, row_scenarios, episodes, torch.tensor(group_ids, device=device),
+                       input_ids.to(device), attention.to(device), action_mask.to(device), turn_ids.to(device),
+                       turn_end.to(device), scored.scores.to(device), scored.parts)
 
     @torch.no_grad()
     def prepare_batch(self, rollout: Rollout) -> dict[str, float]:
@@ -238,11 +217,9 @@ class PPOTrainer:
         else:  # LoRA: the base model is the policy with its adapter switched off
             with model.policy.disable_adapter():
                 rollout.ref_logprobs = self._logprobs(model.policy, ids, attention)
-        all_values = model.values(ids, attention)  # [B, L]: V after reading token t
-        rollout.old_values = torch.where(mask, all_values[:, :-1], 0.0)  # value before emitting target t
 
         present = ~torch.isnan(rollout.raw_scores)
-        gathered = self.accelerator.gather(rollout.raw_scores.contiguous())  # [B * world, K], same shape everywhere
+        gathered = self.accelerator.gather(rollout.raw_scores.contiguous())  # [B * world, K] where B agrees
         gathered = gathered[~torch.isnan(gathered)]
         if self.recipe.reward.normalise and gathered.numel():
             self.score_moments.update(gathered.float().cpu())
@@ -253,7 +230,54 @@ class PPOTrainer:
 
         rollout.kl = ppo_math.kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, mask, "k1")
         beta = self.kl_control.beta
-        rewards = ppo_math.place_turn_rewards(torch.nan_to_num(rollout.scores), rollout.turn_ids) - beta * rollout.kl
+        kl_in_reward = 0.0 if o.kl_in_loss else beta
+        if o.uses_critic:
+            self._gae_advantages(rollout, kl_in_reward)
+        else:
+            self._group_advantages(rollout, kl_in_reward)
+
+        kl_per_episode = (rollout.kl * mask).sum().item()
+        # The replies this batch trains on: a turn group's row holds one, every other row all of its own.
+        last_only = o.advantage == "turn_group"
+        replies = [n for t in rollout.trajectories for n in (t.generated_tokens[-1:] if last_only else t.generated_tokens)]
+        ended = [e for t in rollout.trajectories for e in (t.ended_properly[-1:] if last_only else t.ended_properly)]
+        parts = rollout.score_parts
+        totals = self._reduce_sum([
+            torch.nansum(rollout.raw_scores).item(), present.sum().item(), kl_per_episode, rollout.episodes,
+            sum(replies), len(replies), sum(ended), mask.sum().item(), parts["rm"], parts["rule"],
+            parts["responsiveness"], parts["gate_pass"], parts["judged"], parts["cut"],
+        ])
+        (score_sum, turns, kl_sum, n_episodes, reply_tokens, n_replies, n_ended, tokens, rm, rule, responsiveness,
+         gate_pass, judged, cut) = totals
+        stats = {
+            "reward/score": score_sum / max(turns, 1),
+            "reward/rm": rm / max(turns, 1),
+            "reward/rule": rule / max(turns, 1),
+            "reward/responsiveness": responsiveness / max(turns, 1),
+            "reward/cut_share": cut / max(turns, 1),
+            "kl/episode": kl_sum / max(n_episodes, 1),
+            "kl/token": kl_sum / max(tokens, 1),
+            "kl/beta": beta,
+            "rollout/response_len": reply_tokens / max(n_replies, 1),
+            "rollout/ended_properly": n_ended / max(n_replies, 1),
+            "rollout/episodes": n_episodes,
+            "rollout/generated_tokens": reply_tokens,
+        }
+        if judged:
+            stats["reward/gate_pass"] = gate_pass / judged
+        if o.uses_critic:
+            stats["value/explained_variance"] = float(ppo_math.explained_variance(
+                rollout.old_values, rollout.returns, mask, all_reduce=self._all_reduce_sum))
+        self.kl_control.update(stats["kl/episode"], int(n_episodes))
+        return stats
+
+    def _gae_advantages(self, rollout: Rollout, kl_in_reward: float) -> None:
+        o = self.options
+        ids, attention, mask = rollout.input_ids, rollout.attention_mask, rollout.action_mask
+        all_values = self.unwrapped.values(ids, attention)  # [B, L]: V after reading token t
+        rollout.old_values = torch.where(mask, all_values[:, :-1], 0.0)  # value before emitting target t
+        rewards = (ppo_math.place_turn_rewards(torch.nan_to_num(rollout.scores), rollout.turn_ids)
+                   - kl_in_reward * rollout.kl)
         bootstrap = torch.zeros(ids.shape[0], device=ids.device)
         if o.bootstrap_at_cut:
             lengths = attention.sum(dim=1)
@@ -264,32 +288,33 @@ class PPOTrainer:
         advantages, rollout.returns = ppo_math.turn_aware_gae(
             rewards, rollout.old_values, mask, rollout.turn_ids, gamma_turn=o.gamma_turn, lam=o.lam,
             bootstrap_values=bootstrap)
-        rollout.advantages = self._global_whiten(advantages, mask) if o.whiten_advantages else advantages
+        rollout.advantages = (ppo_math.masked_whiten(advantages, mask, all_reduce=self._all_reduce_sum)
+                              if o.whiten_advantages else advantages)
 
-        episodes = len(rollout.trajectories)
-        kl_per_episode = (rollout.kl * mask).sum().item()
-        replies = [n for t in rollout.trajectories for n in t.generated_tokens]
-        ended = [e for t in rollout.trajectories for e in t.ended_properly]
-        parts = rollout.score_parts
-        totals = self._reduce_sum([
-            torch.nansum(rollout.raw_scores).item(), present.sum().item(), kl_per_episode, episodes,
-            sum(replies), len(replies), sum(ended), mask.sum().item(), parts["rm"], parts["rule"], parts["cut"],
-        ])
-        score_sum, turns, kl_sum, n_episodes, reply_tokens, n_replies, n_ended, tokens, rm, rule, cut = totals
-        stats = {
-            "reward/score": score_sum / max(turns, 1),
-            "reward/rm": rm / max(turns, 1),
-            "reward/rule": rule / max(turns, 1),
-            "reward/cut_share": cut / max(turns, 1),
-            "kl/episode": kl_sum / max(n_episodes, 1),
-            "kl/token": kl_sum / max(tokens, 1),
-            "kl/beta": beta,
-            "rollout/response_len": reply_tokens / max(n_replies, 1),
-            "rollout/ended_properly": n_ended / max(n_replies, 1),
-            "rollout/episodes": n_episodes,
-        }
-        self.kl_control.update(stats["kl/episode"], int(n_episodes))
-        return stats
+    def _group_advantages(self, rollout: Rollout, kl_in_reward: float) -> None:
+        """Critic-free advantages [B, L-1]: the same value on every token of a reply (see the module docstring)."""
+        o = self.options
+        mask, turn_ids = rollout.action_mask, rollout.turn_ids
+        rounds = rollout.scores.shape[1]
+        turn = turn_ids.clamp(min=0)
+        # KL of each reply, summed over its tokens: [B, K], taken off the turn's score like any other cost.
+        reply_kl = torch.zeros_like(rollout.scores).scatter_add_(1, turn, torch.where(mask, rollout.kl, 0.0))
+        scores = rollout.scores - kl_in_reward * reply_kl  # nan stays nan where a turn is absent
+        group_adv = partial(ppo_math.group_advantages, baseline=o.group_baseline, scale_by_std=o.scale_by_group_std)
+        per_turn = torch.zeros_like(scores)  # [B, K]
+        if o.advantage == "episode_group" and o.episode_credit == "return_to_go":
+            to_go = ppo_math.returns_to_go(scores, o.gamma_turn)
+            for k in range(rounds):
+                rows = ~torch.isnan(to_go[:, k])
+                if rows.any():
+                    per_turn[rows, k] = group_adv(to_go[rows, k], rollout.group_ids[rows])
+        else:
+            # episode_group: the episode's return, discounted per turn; turn_group: a row's one scored reply.
+            step = o.gamma_turn if o.advantage == "episode_group" else 1.0
+            discounts = step ** torch.arange(rounds, dtype=scores.dtype, device=scores.device)
+            per_row = group_adv(torch.nansum(scores * discounts, dim=1), rollout.group_ids)
+            per_turn = per_row[:, None].expand(-1, rounds)  # every reply of the row (a turn group row has one)
+        rollout.advantages = torch.where(mask, per_turn.gather(1, turn), 0.0)
 
     # ------------------------------------------------------------------ update
 
@@ -303,13 +328,15 @@ class PPOTrainer:
         totals: dict[str, float] = {}
         steps = 0
         world = self.accelerator.num_processes
-        n = rollout.input_ids.shape[0]
+        rows = rollout.input_ids.shape[0]
+        # The same number of minibatches on every process (DDP steps together), whatever its row count:
+        # a turn group's rows are its replies, episodes_per_update x rounds of them when no user ends early.
+        minibatches = min(o.episodes_per_update // o.minibatch_episodes, rows)
         for _epoch in range(o.epochs):
-            order = list(range(n))
+            order = list(range(rows))
             rng.shuffle(order)
-            for start in range(0, n, o.minibatch_episodes):
-                index = torch.tensor(order[start: start + o.minibatch_episodes], device=rollout.input_ids.device)
-                stats = self._minibatch_step(rollout, index, world)
+            for chunk in torch.tensor(order).tensor_split(minibatches):
+                stats = self._minibatch_step(rollout, chunk.to(rollout.input_ids.device), world)
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + value
                 steps += 1
@@ -331,47 +358,51 @@ class PPOTrainer:
         logprobs = ppo_math.logprobs_from_logits(logits, ids[:, 1:], self.temperature)
         p_loss, p_stats = ppo_math.policy_loss(logprobs, pick(rollout.old_logprobs), pick(rollout.advantages), mask,
                                                clip_eps=o.clip_eps, num_tokens=global_tokens)
-        v_loss, v_stats = ppo_math.value_loss(values[:, :-1], pick(rollout.old_values), pick(rollout.returns), mask,
-                                              clip_range=o.value_clip, num_tokens=global_tokens)
-        entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(logits.detach() / self.temperature), mask)
-        loss = p_loss + v_loss
+        loss = p_loss
+        v_loss = kl_loss = torch.zeros(())
+        value_clipfrac = 0.0
+        if values is not None:
+            v_loss, v_stats = ppo_math.value_loss(values[:, :-1], pick(rollout.old_values), pick(rollout.returns),
+                                                  mask, clip_range=o.value_clip, num_tokens=global_tokens)
+            loss = loss + v_loss
+            value_clipfrac = v_stats["value_clipfrac"].item()
+        if o.kl_in_loss:
+            k3 = ppo_math.kl_penalty(logprobs, pick(rollout.ref_logprobs), mask, "k3")
+            kl_loss = self.kl_control.beta * k3.sum() / max(global_tokens, 1)
+            loss = loss + kl_loss
+        # One entropy pass: differentiated only when it is a loss term.
+        with torch.set_grad_enabled(bool(o.entropy_coef)):
+            entropy = ppo_math.entropy_from_logits(logits / self.temperature)
         if o.entropy_coef:
-            entropy_term = ppo_math.entropy_from_logits(logits / self.temperature)
-            loss = loss - o.entropy_coef * torch.where(mask, entropy_term, 0.0).sum() / global_tokens
+            loss = loss - o.entropy_coef * torch.where(mask, entropy, 0.0).sum() / max(global_tokens, 1)
         self.accelerator.backward(loss * world)
         model = self.unwrapped
         grad_policy = torch.nn.utils.clip_grad_norm_(
             [p for p in model.policy.parameters() if p.requires_grad], o.max_grad_norm)
-        grad_critic = torch.nn.utils.clip_grad_norm_(
-            [p for p in model.critic.parameters() if p.requires_grad], o.max_grad_norm)
+        grad_critic = (torch.nn.utils.clip_grad_norm_([p for p in model.critic.parameters() if p.requires_grad],
+                                                      o.max_grad_norm) if model.critic is not None else None)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         local_tokens = mask.sum().item()
         # Chunk means weighted by their tokens, summed over processes: exact global means.
         weighted = self._reduce_sum([
             p_stats["ratio"].item() * local_tokens, p_stats["clipfrac"].item() * local_tokens,
-            p_stats["approx_kl"].item() * local_tokens, v_stats["value_clipfrac"].item() * local_tokens,
-            entropy.item() * local_tokens, p_loss.item(), v_loss.item(),
+            p_stats["approx_kl"].item() * local_tokens, value_clipfrac * local_tokens,
+            ppo_math.masked_mean(entropy.detach(), mask).item() * local_tokens, p_loss.item(), v_loss.item(),
+            kl_loss.item(),
         ])
         tokens = max(global_tokens, 1)
-        return {
+        stats = {
             "policy/ratio": weighted[0] / tokens, "policy/clipfrac": weighted[1] / tokens,
-            "policy/approx_kl": weighted[2] / tokens, "value/clipfrac": weighted[3] / tokens,
-            "policy/entropy": weighted[4] / tokens, "loss/policy": weighted[5], "loss/value": weighted[6],
-            "grad_norm/policy": float(grad_policy), "grad_norm/critic": float(grad_critic),
+            "policy/approx_kl": weighted[2] / tokens, "policy/entropy": weighted[4] / tokens,
+            "loss/policy": weighted[5], "grad_norm/policy": float(grad_policy),
         }
-
-    def explained_variance(self, rollout: Rollout) -> float:
-        """1 - Var(R - V) / Var(R) over the generated tokens of every process (0 when the returns are flat)."""
-        mask = rollout.action_mask.bool()
-        returns, residual = rollout.returns[mask], (rollout.returns - rollout.old_values)[mask]
-        r_sum, r_sq, d_sum, d_sq, count = self._reduce_sum([
-            returns.sum().item(), returns.square().sum().item(), residual.sum().item(),
-            residual.square().sum().item(), mask.sum().item()])
-        count = max(count, 1)
-        var_returns = r_sq / count - (r_sum / count) ** 2
-        var_residual = d_sq / count - (d_sum / count) ** 2
-        return 0.0 if var_returns <= 1e-12 else 1.0 - var_residual / var_returns
+        if grad_critic is not None:
+            stats |= {"loss/value": weighted[6], "value/clipfrac": weighted[3] / tokens,
+                      "grad_norm/critic": float(grad_critic)}
+        if o.kl_in_loss:
+            stats["loss/kl"] = weighted[7]
+        return stats
 
     # ------------------------------------------------------------------ loop
 
@@ -382,7 +413,6 @@ class PPOTrainer:
         rollout = self.rollout()
         rollout_seconds = time.perf_counter() - started
         stats = self.prepare_batch(rollout)
-        stats["value/explained_variance"] = self.explained_variance(rollout)
         prepared = time.perf_counter()
         stats |= self.train_on(rollout)
         stats["time/rollout"] = rollout_seconds
@@ -423,12 +453,14 @@ def summarise_history(history: list[dict[str, Any]]) -> dict[str, Any]:
     if not history:
         return {}
     first, last = history[0], history[-1]
-    keys = ("reward/score", "kl/episode", "policy/entropy", "value/explained_variance", "rollout/ended_properly")
+    keys = [k for k in ("reward/score", "reward/rule", "reward/gate_pass", "kl/episode", "policy/entropy",
+                        "value/explained_variance", "rollout/response_len", "rollout/ended_properly") if k in first]
     total = sum(h["time/total"] for h in history)
     return {
         "updates": len(history),
         "first": {k: first.get(k) for k in keys},
         "last": {k: last.get(k) for k in keys},
         "seconds_per_update": total / len(history),
+        "generated_tokens": sum(h.get("rollout/generated_tokens", 0) for h in history),
         "generation_share": sum(h["time/rollout"] for h in history) / total if total else None,
     }
