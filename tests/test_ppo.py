@@ -104,6 +104,44 @@ def test_rule_score_is_zero_for_repeats_and_echoes_of_a_compliant_reply():
     assert turn_scores.rule_scores(scenario, messages) == [1.0, 0.0, 0.0, 1.0, 0.0]
 
 
+def test_turn_score_counts_rules_only_for_responsive_replies_and_adds_the_responsiveness_term():
+    """With the responsiveness scorer on, the gate needs `responsive` too: a compliant reply the (fake) scorer
+    finds unresponsive (PMI 0 < threshold 1.51) earns no rule score and responsiveness term 0; a compliant,
+    responsive one (PMI 3.0, saturating at the threshold) earns 1 + 0.5 x 1; an anti-responsive one with a
+    comma (PMI -5) earns 0 + 0.5 x -1 (the term is clipped at -1). Each part is summed unweighted."""
+    import random
+    from types import SimpleNamespace
+
+    from dialogrl.data import constraints as catalogue
+    from dialogrl.evaluation.responsiveness import ResponsivenessConfig
+    from dialogrl.evaluation.rollout import Trajectory
+    from dialogrl.evaluation.scenarios import Scenario
+
+    class FakeScorer:
+        config = ResponsivenessConfig()
+
+        def score(self, items):
+            return [{"pizza": 3.0, "sea": 0.0}.get(reply.split()[-1], -5.0) for _context, reply in items]
+
+    no_commas = catalogue.make_constraint("no_commas", random.Random(0), split="eval")
+    scenario = Scenario("d#0", ["-"] * 3, [no_commas], [1], unseen=False)
+    messages = [{"role": "system", "content": scenario.system_prompt()}]
+    for user, reply in [("what food do you like", "I really love a good pizza"),
+                        ("where do you live", "I live in a small town near the sea"),
+                        ("do you like it", "Yes, it is quiet and kind")]:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    recipe = SimpleNamespace(reward=SimpleNamespace(rm_weight=0.0, rule_weight=1.0, responsiveness_weight=0.5,
+                                                    cut_penalty=1.0), episodes=SimpleNamespace(rounds=3))
+    scorer = turn_scores.TurnScorer(recipe, responsiveness_scorer=FakeScorer())
+    played = Trajectory("d#0", messages, ended_properly=[True, True, False], generated_tokens=[6, 8, 7])
+    scored = scorer([played], [scenario])
+    assert scored.scores.tolist() == [[1.5, 0.0, -1.5]]  # the third reply was also cut: -1
+    assert scored.parts == {"rm": 0.0, "rule": 1.0, "responsiveness": 0.0, "gate_pass": 1.0, "judged": 3.0,
+                            "cut": 1.0, "turns": 3.0}
+    last = scorer([played], [scenario], last_turn_only=True)
+    assert math.isnan(last.scores[0, 0]) and math.isnan(last.scores[0, 1]) and last.scores[0, 2] == -1.5
+
+
 # --------------------------------------------------------------------------- step 0
 
 

@@ -15,6 +15,15 @@ Prompt p of step s is the same in both runs; the sampled replies are not (differ
 Prints each trainer's mean reward per step (before that step's update), the reward gain (mean of the
 last half minus the first half of the steps), and seconds per step (generation + scoring + update,
 the first step excluded as warm-up), then the ratio dialogrl / TRL.
+
+Measured on 2 idle cores at commit 0260981 with the defaults (trl 1.16.0):
+
+    step   dialogrl  trl          dialogrl: 34.7 s/step, TRL: 30.1 s/step (steps 2-8): 1.16x
+    1-4    0.688 0.443 0.544 0.561   0.625 0.505 0.485 0.741
+    5-8    0.438 0.259 0.362 0.333   0.469 0.315 0.345 0.489
+
+Each step draws new prompts, so the per-step reward mostly reflects which rules come up; 8 steps at
+lr 1e-5 are too few to show learning in either (gain -0.211 vs -0.185).
 """
 
 from __future__ import annotations
