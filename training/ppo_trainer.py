@@ -71,8 +71,9 @@ class ActorCritic(nn.Module):
 
         return position_scores(self.critic, input_ids, attention_mask)  # [B, L]
 
-    def forward(self, input_ids, attention_mask):
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, L, V]
+    def forward(self, input_ids, attention_mask, logits_to_keep: int = 0):
+        """Logits of the last `logits_to_keep` positions (0: all) [B, keep, V], and values [B, L] (or None)."""
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep).logits
         return logits, None if self.critic is None else self.values(input_ids, attention_mask)
 
 
@@ -98,6 +99,12 @@ class Rollout:
     kl: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+
+
+def first_action(action_mask: torch.Tensor) -> int:
+    """The first target position [0, L-1) that any row of the batch generated (0 when none did)."""
+    generated = action_mask.any(dim=0).nonzero()
+    return int(generated[0]) if generated.numel() else 0
 
 
 def pad_trajectories(trajectories: list[Trajectory], pad_id: int, rounds: int):
@@ -161,9 +168,17 @@ class PPOTrainer:
     def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(tensor, reduction="sum")
 
-    def _logprobs(self, model, input_ids, attention_mask) -> torch.Tensor:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # [B, L-1, V]
-        return ppo_math.logprobs_from_logits(logits, input_ids[:, 1:], self.temperature)  # [B, L-1]
+    def _logprobs(self, model, input_ids, attention_mask, action_mask) -> torch.Tensor:
+        """[B, L-1] log-probs of every target from the batch's first generated one on; 0 before it."""
+        start = first_action(action_mask)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       logits_to_keep=input_ids.shape[1] - start).logits
+        return self._target_logprobs(logits, input_ids, start)
+
+    def _target_logprobs(self, logits: torch.Tensor, input_ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits of positions start.. [B, L-start, V] -> log-probs [B, L-1] aligned to targets, 0 before start."""
+        picked = ppo_math.logprobs_from_logits(logits[:, :-1], input_ids[:, start + 1:], self.temperature)
+        return torch.nn.functional.pad(picked, (start, 0))
 
     # ------------------------------------------------------------------ rollout and scoring
 
@@ -211,12 +226,12 @@ class PPOTrainer:
         model = self.unwrapped
         ids, attention = rollout.input_ids, rollout.attention_mask
         mask = rollout.action_mask
-        rollout.old_logprobs = self._logprobs(model.policy, ids, attention)
+        rollout.old_logprobs = self._logprobs(model.policy, ids, attention, mask)
         if self.reference is not None:
-            rollout.ref_logprobs = self._logprobs(self.reference, ids, attention)
+            rollout.ref_logprobs = self._logprobs(self.reference, ids, attention, mask)
         else:  # LoRA: the base model is the policy with its adapter switched off
             with model.policy.disable_adapter():
-                rollout.ref_logprobs = self._logprobs(model.policy, ids, attention)
+                rollout.ref_logprobs = self._logprobs(model.policy, ids, attention, mask)
 
         present = ~torch.isnan(rollout.raw_scores)
         gathered = self.accelerator.gather(rollout.raw_scores.contiguous())  # [B * world, K] where B agrees
@@ -353,9 +368,11 @@ class PPOTrainer:
         # Token mean over the minibatch's generated tokens on every process; DDP then averages the
         # gradients over processes, so the loss is scaled by the world size to keep a global token mean.
         (global_tokens,) = self._reduce_sum([mask.sum().item()])
-        logits, values = self.model(ids, attention)
-        logits = logits[:, :-1]
-        logprobs = ppo_math.logprobs_from_logits(logits, ids[:, 1:], self.temperature)
+        # The LM head and the softmax run only from the first generated token on: the system prompt and
+        # the first user turn (most of a single-turn row) are never targets of the loss.
+        start = first_action(mask)
+        logits, values = self.model(ids, attention, width - start)
+        logprobs = self._target_logprobs(logits, ids, start)
         p_loss, p_stats = ppo_math.policy_loss(logprobs, pick(rollout.old_logprobs), pick(rollout.advantages), mask,
                                                clip_eps=o.clip_eps, num_tokens=global_tokens)
         loss = p_loss
@@ -372,7 +389,8 @@ class PPOTrainer:
             loss = loss + kl_loss
         # One entropy pass: differentiated only when it is a loss term.
         with torch.set_grad_enabled(bool(o.entropy_coef)):
-            entropy = ppo_math.entropy_from_logits(logits / self.temperature)
+            entropy = torch.nn.functional.pad(ppo_math.entropy_from_logits(logits[:, :-1] / self.temperature),
+                                              (start, 0))
         if o.entropy_coef:
             loss = loss - o.entropy_coef * torch.where(mask, entropy, 0.0).sum() / max(global_tokens, 1)
         self.accelerator.backward(loss * world)
