@@ -16,11 +16,13 @@ Prints each trainer's mean reward per step (before that step's update), the rewa
 last half minus the first half of the steps), and seconds per step (generation + scoring + update,
 the first step excluded as warm-up), then the ratio dialogrl / TRL.
 
-Measured on 2 idle cores at commit 0260981 with the defaults (trl 1.16.0):
+Measured on 2 idle cores with the defaults (trl 1.16.0); the rewards were the same in both runs:
 
-    step   dialogrl  trl          dialogrl: 34.7 s/step, TRL: 30.1 s/step (steps 2-8): 1.16x
+    step   dialogrl                  trl
     1-4    0.688 0.443 0.544 0.561   0.625 0.505 0.485 0.741
     5-8    0.438 0.259 0.362 0.333   0.469 0.315 0.345 0.489
+    commit 0260981: dialogrl 34.7 s/step, TRL 30.1 s/step (steps 2-8): 1.16x
+    commit 3ecbb1e: dialogrl 28.9 s/step, TRL 27.5 s/step: 1.05x (logits only from the first generated token)
 
 Each step draws new prompts, so the per-step reward mostly reflects which rules come up; 8 steps at
 lr 1e-5 are too few to show learning in either (gain -0.211 vs -0.185).
