@@ -531,7 +531,7 @@ def test_turn_group_rows_are_siblings_and_their_advantages_are_relative(tiny_mod
 
 
 @pytest.mark.parametrize("advantage", ["episode_group", "turn_group"])
-def test_group_modes_save_no_critic_and_resume(tiny_model_dir, tmp_path, advantage):
+def test_group_modes_train_and_save_no_critic(tiny_model_dir, tmp_path, advantage):
     out = tmp_path / "out"
     settings = [f"ppo.advantage={advantage}", "ppo.group_size=2", "ppo.updates=2", "ppo.save_every=1",
                 "ppo.learning_rate=1e-3"]

@@ -389,28 +389,29 @@ def test_returns_to_go_skip_absent_turns():
 
 
 def test_whitening_and_explained_variance_across_processes_equal_one_process():
-    """Two halves reduced with a summing all-reduce equal the whole batch on one process."""
+    """Two halves, each reduced with an all-reduce that adds the other half's statistics, equal the whole
+    batch on one process."""
     torch.manual_seed(0)
     x, v = torch.randn(4, 6), torch.randn(4, 6)
     mask = torch.rand(4, 6) > 0.3
     halves = [(x[:2], v[:2], mask[:2]), (x[2:], v[2:], mask[2:])]
 
-    def summed(part: int):
-        calls = []
+    def local_statistics(hx, hv, hm) -> list[torch.Tensor]:
+        """What each all-reduce call of one half sends, in call order (whiten, then explained variance)."""
+        sent: list[torch.Tensor] = []
 
-        def all_reduce(local: torch.Tensor) -> torch.Tensor:
-            # What the other "process" contributes: the same statistic computed on its half.
-            calls.append(local)
-            other_x, other_v, other_mask = halves[1 - part]
-            picked = (other_x if len(calls) % 2 or not evs else other_x - other_v)[other_mask.bool()].double()
-            return local + torch.stack([picked.sum(), picked.square().sum(), torch.tensor(float(picked.numel()))])
-        return all_reduce
+        def record(t: torch.Tensor) -> torch.Tensor:
+            sent.append(t)
+            return t
+        masked_whiten(hx, hm, all_reduce=record)
+        explained_variance(hv, hx, hm, all_reduce=record)
+        return sent
 
-    evs = False
-    whitened = torch.cat([masked_whiten(hx, hm, all_reduce=summed(i)) for i, (hx, _hv, hm) in enumerate(halves)])
-    torch.testing.assert_close(whitened, masked_whiten(x, mask), atol=1e-6, rtol=1e-6)
-    evs = True
-    # explained_variance(values, returns): first the returns' moments (x), then the residual's (x - v).
     for i, (hx, hv, hm) in enumerate(halves):
-        torch.testing.assert_close(explained_variance(hv, hx, hm, all_reduce=summed(i)),
+        other = iter(local_statistics(*halves[1 - i]))
+        all_reduce = lambda t, other=other: t + next(other)  # noqa: E731
+        whitened = masked_whiten(hx, hm, all_reduce=all_reduce)
+        rows = slice(0, 2) if i == 0 else slice(2, 4)
+        torch.testing.assert_close(whitened, masked_whiten(x, mask)[rows], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(explained_variance(hv, hx, hm, all_reduce=all_reduce),
                                    explained_variance(v, x, mask), atol=1e-6, rtol=1e-6)

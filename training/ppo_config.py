@@ -62,10 +62,6 @@ class TurnResponsiveness(ResponsivenessConfig):
     enabled: bool = option(False, help="Score each reply's responsiveness with the fixed scorer (see reward).")
 
 
-ADVANTAGE_ESTIMATORS = ("gae", "episode_group", "turn_group")
-CRITIC_FREE = ("episode_group", "turn_group")
-
-
 @dataclass
 class PPOOptions:
     advantage: Literal["gae", "episode_group", "turn_group"] = option(
@@ -123,7 +119,7 @@ class PPOOptions:
     kl_horizon: int = option(10000, help="Adaptive beta horizon in episodes.")
     entropy_coef: float = option(0.0, help="Entropy bonus weight (entropy is logged either way).")
     max_grad_norm: float = option(1.0, help="Gradient clipping norm, for the policy and the critic separately.")
-    whiten_advantages: bool = option(True, help="Whiten advantages over all generated tokens of the batch.")
+    whiten_advantages: bool = option(True, help="gae: whiten advantages over all generated tokens of the batch (the group modes use scale_by_group_std).")
     bootstrap_at_cut: bool = option(
         True, help="When an episode stops at the round limit (the dialogue could go on), bootstrap from the "
         "critic's value instead of 0."
@@ -141,8 +137,6 @@ class PPOOptions:
         return self.kl_penalty == "loss" or (self.kl_penalty == "auto" and not self.uses_critic)
 
     def __post_init__(self) -> None:
-        if self.advantage not in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"ppo.advantage {self.advantage!r} is not one of {', '.join(ADVANTAGE_ESTIMATORS)}")
         if not self.uses_critic:
             if self.group_size < 2:
                 raise ValueError(f"ppo.group_size must be >= 2 for ppo.advantage={self.advantage} (got {self.group_size})")

@@ -18,8 +18,8 @@ so this one is the project's own. One update:
    generated token, -beta * KL on every generated token, and runs turn-aware
    GAE with the critic (ppo_math.turn_aware_gae); the group modes have no
    critic: an episode's return (`episode_group`) or a reply's score
-   (`turn_group`) minus the mean of its group (ppo_math.group_advantages),
-   the KL summed over a reply taken off its score first;
+   (`turn_group`) minus the mean of its group (ppo_math.group_advantages);
+   with `kl_penalty: reward` the KL summed over a reply is taken off its score first;
 5. `epochs` passes of the clipped policy loss (and the clipped value loss, gae;
    and a k3 KL loss term with `kl_penalty: loss`) over shuffled minibatches,
    token means over the global token count.
