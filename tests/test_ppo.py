@@ -16,6 +16,7 @@ import torch
 from dialogrl.training import ppo, ppo_math, turn_scores
 from dialogrl.training.config import load_recipe
 from dialogrl.training.ppo_config import PPORecipe
+from dialogrl.training.run_lifecycle import SUMMARY_FILENAME
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "dialogrl.training.cli"]
@@ -37,14 +38,18 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
-def ppo_recipe(tiny_model_dir: Path, output_dir: Path, *overrides: str) -> PPORecipe:
+def ppo_overrides(tiny_model_dir: Path, output_dir: Path) -> list[str]:
     """Rule reward only (no reward model), 4 episodes of 2 rounds, short sampled replies."""
-    return load_recipe(None, [
+    return [
         f"model.name_or_path={tiny_model_dir}", f"output_dir={output_dir}", "tracking.report_to=none",
         "reward.rm_weight=0", "reward.rule_weight=1", "episodes.rounds=2", "sampling.max_new_tokens=8",
         "sampling.temperature=1.0", "ppo.episodes_per_update=4", "ppo.minibatch_episodes=2",
-        "ppo.generation_batch_size=8", *overrides,
-    ], expected=PPORecipe)
+        "ppo.generation_batch_size=8",
+    ]
+
+
+def ppo_recipe(tiny_model_dir: Path, output_dir: Path, *overrides: str) -> PPORecipe:
+    return load_recipe(None, [*ppo_overrides(tiny_model_dir, output_dir), *overrides], expected=PPORecipe)
 
 
 def each_reply(score):
@@ -152,14 +157,14 @@ def test_step_zero_kl_is_zero_and_the_first_ratio_is_one(tiny_model_dir, tmp_pat
     has ratio 1 and clips nothing."""
     extra = ["lora.enabled=true", "lora.r=4"] if lora else []
     # Temperature 0.7: sampling, old, reference and training log-probs must all divide the logits by it.
-    trainer, resume_from = ppo.build(ppo_recipe(tiny_model_dir, tmp_path / "out", "ppo.learning_rate=1e-2",
+    trainer, run = ppo.build(ppo_recipe(tiny_model_dir, tmp_path / "out", "ppo.learning_rate=1e-2",
                                                 "sampling.temperature=0.7", *extra),
                                      rule_score_fn=words_score, log=silent)
-    assert resume_from is None
+    assert run.resume_from is None
     assert (trainer.reference is None) == lora  # LoRA: no second copy; otherwise a frozen copy
     trainer.unwrapped.eval()  # as step() does: no dropout (LoRA has some) while measuring ratios
     rollout = trainer.rollout()
-    stats = trainer.prepare_batch(rollout)
+    stats = trainer.prepare_batch(rollout) | trainer.kl_stats(rollout)
     mask = rollout.action_mask
     assert int(mask.sum()) == sum(sum(t.generated_tokens) for t in rollout.trajectories) > 0
     sampled = torch.zeros_like(rollout.old_logprobs)  # the engine's log-probs of the sampled tokens, aligned
@@ -333,7 +338,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_model_d
                          env=cli_env())
     assert one.returncode == 0, one.stderr[-3000:]
     for name, world in (("two", 2), ("one", 1)):
-        summary = json.loads((tmp_path / name / ppo.SUMMARY_FILENAME).read_text())
+        summary = json.loads((tmp_path / name / SUMMARY_FILENAME).read_text())
         assert summary["world_size"] == world and summary["global_step"] == 2
     lines_two, lines_one = metrics(tmp_path / "two"), metrics(tmp_path / "one")
     assert [s["update"] for s in lines_two] == [s["update"] for s in lines_one] == [1, 2]  # main process only
@@ -384,30 +389,30 @@ def test_resumed_run_repeats_the_uninterrupted_run(tiny_model_dir, tmp_path):
     settings = ["ppo.updates=4", "ppo.save_every=2", "ppo.learning_rate=1e-3", "ppo.critic_learning_rate=1e-3",
                 "sampling.max_new_tokens=6"]
     whole = tmp_path / "whole"
-    trainer, _ = ppo.build(ppo_recipe(tiny_model_dir, whole, *settings), rule_score_fn=words_score, log=silent)
-    ppo.train(trainer, None, log=silent)
+    trainer, run = ppo.build(ppo_recipe(tiny_model_dir, whole, *settings), rule_score_fn=words_score, log=silent)
+    ppo.train(trainer, run, log=silent)
     # Checkpoints are written every 2 updates, but not after the last one (the final model is saved instead).
     assert sorted(p.name for p in whole.glob("checkpoint-*")) == ["checkpoint-2"]
 
     cut = tmp_path / "cut"
-    trainer, _ = ppo.build(ppo_recipe(tiny_model_dir, cut, *settings), rule_score_fn=words_score, log=silent)
+    trainer, run = ppo.build(ppo_recipe(tiny_model_dir, cut, *settings), rule_score_fn=words_score, log=silent)
 
     def killed_in_update_3(message: str) -> None:
         if message.startswith("update 3:"):  # logged after its metrics line, before any further checkpoint
             raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError, match="killed"):
-        ppo.train(trainer, None, log=killed_in_update_3)
-    assert [s["update"] for s in metrics(cut)] == [1, 2, 3] and not (cut / ppo.SUMMARY_FILENAME).exists()
+        ppo.train(trainer, run, log=killed_in_update_3)
+    assert [s["update"] for s in metrics(cut)] == [1, 2, 3] and not (cut / SUMMARY_FILENAME).exists()
 
     lines: list[str] = []
     checkpoint = str(cut / "checkpoint-2")
-    trainer, resume_from = ppo.build(ppo_recipe(tiny_model_dir, cut, *settings, "resume=auto"),
-                                     rule_score_fn=words_score, log=lines.append)
-    assert resume_from == checkpoint
-    summary = ppo.train(trainer, resume_from, log=lines.append)
+    trainer, run = ppo.build(ppo_recipe(tiny_model_dir, cut, *settings, "resume=auto"),
+                             rule_score_fn=words_score, log=lines.append)
+    assert run.resume_from == checkpoint
+    summary = ppo.train(trainer, run, log=lines.append)
     assert f"resumed from {checkpoint} at update 2" in lines
-    written = json.loads((cut / ppo.SUMMARY_FILENAME).read_text())
+    written = json.loads((cut / SUMMARY_FILENAME).read_text())
     assert summary["global_step"] == written["global_step"] == 4 and written["resumed_from"] == checkpoint
     assert written["metrics"]["updates"] == 4  # the history before the checkpoint came back with it
 
@@ -425,7 +430,7 @@ def test_simulated_user_answers_the_policy(tiny_model_dir, tmp_path):
     """With user_source=simulated the first user turn is the corpus's opening and later ones are what the base
     model, playing the user, says to the dialogue so far; a one-update run completes."""
     out = tmp_path / "out"
-    trainer, _ = ppo.build(ppo_recipe(tiny_model_dir, out, "episodes.user_source=simulated", "ppo.updates=1",
+    trainer, run = ppo.build(ppo_recipe(tiny_model_dir, out, "episodes.user_source=simulated", "ppo.updates=1",
                                       "ppo.episodes_per_update=2", "ppo.minibatch_episodes=2"),
                            rule_score_fn=words_score, log=silent)
     trainer.unwrapped.eval()
@@ -444,7 +449,7 @@ def test_simulated_user_answers_the_policy(tiny_model_dir, tmp_path):
         assert spec.user.next_user_turn(trajectory.messages[: turns[1]], 2) == generated
         # The user samples from its own seed without resetting the policy's sampling stream.
         assert torch.equal(torch.get_rng_state(), rng)
-    summary = ppo.train(trainer, None, log=silent)
+    summary = ppo.train(trainer, run, log=silent)
     assert summary["status"] == "complete" and summary["global_step"] == 1
     (stats,) = metrics(out)
     assert stats["rollout/episodes"] == 2 and stats["rollout/response_len"] > 0
@@ -535,11 +540,45 @@ def test_group_modes_train_and_save_no_critic(tiny_model_dir, tmp_path, advantag
     out = tmp_path / "out"
     settings = [f"ppo.advantage={advantage}", "ppo.group_size=2", "ppo.updates=2", "ppo.save_every=1",
                 "ppo.learning_rate=1e-3"]
-    trainer, _ = ppo.build(ppo_recipe(tiny_model_dir, out, *settings), rule_score_fn=words_score, log=silent)
-    summary = ppo.train(trainer, None, log=silent)
+    trainer, run = ppo.build(ppo_recipe(tiny_model_dir, out, *settings), rule_score_fn=words_score, log=silent)
+    summary = ppo.train(trainer, run, log=silent)
     assert summary["global_step"] == 2 and summary["metrics"]["generated_tokens"] > 0
     from safetensors.torch import load_file
 
     (weights,) = (out / "checkpoint-1").glob("model*.safetensors")
     assert not any(name.startswith("critic.") for name in load_file(weights))
     assert all("loss/value" not in line for line in metrics(out))
+
+
+def test_one_step_per_rollout_takes_old_logprobs_from_the_training_pass(tiny_model_dir, tmp_path, monkeypatch):
+    """epochs 1, one minibatch, KL in the loss: the old log-probs come from the training forward (no
+    separate pass), and the update, its ratio and its KL statistics equal those of the two-pass path."""
+    from dialogrl.training.ppo_config import PPOOptions
+
+    def one_update(output_dir: Path) -> tuple[dict, dict]:
+        trainer, _ = ppo.build(ppo_recipe(tiny_model_dir, output_dir, "ppo.advantage=episode_group",
+                                          "ppo.group_size=2", "ppo.epochs=1", "ppo.minibatch_episodes=4",
+                                          "ppo.kl_penalty=loss", "ppo.learning_rate=1e-2", "lora.enabled=false",
+                                          "ppo.updates=2"),
+                               rule_score_fn=words_score, log=silent)
+        trainer.step()  # update 2 starts away from the reference: its KL is not 0
+        calls = []
+        forward = trainer._logprobs
+        monkeypatch.setattr(trainer, "_logprobs", lambda *a: calls.append(a[0]) or forward(*a))
+        stats = reproducible(trainer.step())
+        policy_passes = sum(model is trainer.unwrapped.policy for model in calls)
+        return stats | {"policy_passes": policy_passes}, {
+            name: p.detach().clone() for name, p in trainer.unwrapped.policy.named_parameters()}
+
+    assert ppo_recipe(tiny_model_dir, tmp_path, "ppo.epochs=1", "ppo.minibatch_episodes=4", "ppo.kl_penalty=loss",
+                      "ppo.advantage=episode_group", "ppo.group_size=2").ppo.old_logprobs_from_training_pass
+    one_pass, one_pass_weights = one_update(tmp_path / "one")
+    monkeypatch.setattr(PPOOptions, "old_logprobs_from_training_pass", property(lambda self: False))
+    two_pass, two_pass_weights = one_update(tmp_path / "two")
+    assert (one_pass.pop("policy_passes"), two_pass.pop("policy_passes")) == (0, 1)
+    assert abs(two_pass["kl/episode"]) > 1e-4 and one_pass["policy/ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert one_pass.keys() == two_pass.keys()
+    for key in one_pass:
+        assert one_pass[key] == pytest.approx(two_pass[key], rel=1e-4, abs=1e-6), key
+    for name, weight in one_pass_weights.items():
+        torch.testing.assert_close(weight, two_pass_weights[name], rtol=1e-4, atol=1e-6, msg=name)

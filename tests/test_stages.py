@@ -358,7 +358,7 @@ def test_stage_errors_name_the_problem(tiny_model_dir, tmp_path):
 
 def test_resume_skips_a_checkpoint_left_half_written(tmp_path):
     """A kill during a save leaves checkpoint-N without trainer_state.json (written last): resume uses N-1."""
-    from dialogrl.training.trainer_setup import find_resume_checkpoint
+    from dialogrl.training.run_lifecycle import find_resume_checkpoint
 
     for step, state in ((10, "{}"), (20, "{}"), (30, None), (40, "{truncated")):
         directory = tmp_path / f"checkpoint-{step}"

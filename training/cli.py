@@ -14,6 +14,11 @@ import sys
 
 from dialogrl.training.config import RecipeError, describe_recipe, dump_recipe, load_recipe, recipe_kinds
 
+# The metrics of run_summary.json printed after a stage (those it has): losses and accuracies of the
+# TRL stages, the last update's turn score, gate pass and KL of ppo.
+HEADLINE_METRICS = ("train_loss", "loss", "eval_loss", "eval_accuracy", "rewards/margins", "eval_rewards/margins",
+                    "accuracy", "reward/score", "reward/rule", "reward/gate_pass", "kl/episode")
+
 
 class UserError(RuntimeError):
     """An error caused by input the user can fix; shown without a traceback."""
@@ -145,7 +150,7 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
 
     from dialogrl.data.sources import DataError
     from dialogrl.training.config import STAGE_MODULES
-    from dialogrl.training.trainer_setup import StageError, is_main_process
+    from dialogrl.training.run_lifecycle import StageError, is_main_process
 
     module = importlib.import_module(STAGE_MODULES[stage])
     recipe = load_recipe(args.config, args.overrides, expected=recipe_kinds()[stage])
@@ -156,14 +161,7 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
     if not is_main_process():  # under accelerate launch, rank 0 speaks for all
         return 0
     metrics = summary["metrics"]
-    if stage == "ppo":
-        first, last = metrics.get("first", {}), metrics.get("last", {})
-        print(f"ppo: {summary['global_step']} updates in {summary['seconds']} s; score {first.get('reward/score', 0):.3f} "
-              f"-> {last.get('reward/score', 0):.3f}, KL per episode {last.get('kl/episode', 0):.3f}")
-        print(f"model: {summary.get('merged_dir', recipe.output_dir)} (curves: {recipe.output_dir}/ppo_curves.png)")
-        return 0
-    shown = {k: v for k, v in metrics.items() if k in ("train_loss", "loss", "eval_loss", "eval_accuracy",
-                                                        "rewards/margins", "eval_rewards/margins", "accuracy")}
+    shown = {k: v for k, v in metrics.items() if k in HEADLINE_METRICS and isinstance(v, (int, float))}
     print(f"{stage}: {summary['global_step']} steps in {summary['seconds']} s; "
           + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     print(f"model: {summary.get('merged_dir', recipe.output_dir)} (card: {recipe.output_dir}/README.md)")
@@ -173,7 +171,7 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from dialogrl.data.sources import DataError
     from dialogrl.training import pipeline
-    from dialogrl.training.trainer_setup import StageError
+    from dialogrl.training.run_lifecycle import StageError
 
     recipe = load_recipe(args.config, args.overrides, expected=pipeline.PipelineRecipe)
     try:

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from dialogrl.evaluation.evaluate import dialogue_specs
 from dialogrl.evaluation.scenarios import Scenario, ScenarioConfig, build_scenarios
-from dialogrl.training.config import dump_recipe, save_recipe
+from dialogrl.training.config import dump_recipe
 from dialogrl.training.ppo_config import PPORecipe
 from dialogrl.training.ppo_trainer import STATE_FILENAME, ActorCritic, PPOTrainer, summarise_history
-from dialogrl.training.stage_config import LoraOptions
-from dialogrl.training.tracking import setup_tracking
+from dialogrl.training.run_lifecycle import Run, run_summary, start_run, write_run_outputs
 from dialogrl.training.trainer_setup import (
-    MERGED_DIRNAME,
-    SUMMARY_FILENAME,
-    find_resume_checkpoint,
     fit_to_tokenizer,
     load_training_tokenizer,
     lora_config,
@@ -122,22 +117,19 @@ def responsiveness_scorer(recipe: PPORecipe):
     return build_scorer(recipe.responsiveness, scorer_loader(recipe, recipe.model))
 
 
-def build(recipe: PPORecipe, *, rule_score_fn: RuleScoreFn | None = None, log=print
-          ) -> tuple[PPOTrainer, str | None]:
-    """The trainer and the checkpoint to resume from; `rule_score_fn` replaces the gated rule score (tests)."""
+def build(recipe: PPORecipe, *, rule_score_fn: RuleScoreFn | None = None, log=print) -> tuple[PPOTrainer, Run]:
+    """The trainer and its run (output directory checked, resume target found, config.yaml saved);
+    `rule_score_fn` replaces the gated rule score (tests)."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    output_dir = Path(recipe.output_dir)
-    resume_from = find_resume_checkpoint(output_dir, recipe.resume, STATE_FILENAME)
-    trackers = [t for t in setup_tracking(recipe.tracking, output_dir) if t != "none"]
+    run = start_run(recipe, "ppo", STATE_FILENAME)
+    trackers = [t for t in run.report_to if t != "none"]
     flags = precision_flags(recipe.precision)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None,
-                              project_dir=str(output_dir), mixed_precision="bf16" if flags["bf16"] else "no")
+                              project_dir=str(run.output_dir), mixed_precision="bf16" if flags["bf16"] else "no")
     set_seed(recipe.ppo.seed)
-    if accelerator.is_main_process:
-        save_recipe(recipe, output_dir)
     policy, reference, critic, reward_model, reward_chat, tokenizer = load_models(recipe)
     actor_critic = ActorCritic(policy, critic)
     groups = [
@@ -165,7 +157,7 @@ def build(recipe: PPORecipe, *, rule_score_fn: RuleScoreFn | None = None, log=pr
     )
     if trackers:
         accelerator.init_trackers(recipe.tracking.project, config={"recipe": dump_recipe(recipe)})
-    return trainer, resume_from
+    return trainer, run
 
 
 def format_stats(stats: dict) -> str:
@@ -184,15 +176,13 @@ def format_stats(stats: dict) -> str:
     return "".join(parts)
 
 
-def train(trainer: PPOTrainer, resume_from: str | None, log=print) -> dict:
+def train(trainer: PPOTrainer, run: Run, log=print) -> dict:
     recipe = trainer.recipe
-    output_dir = Path(recipe.output_dir)
     accelerator = trainer.accelerator
-    started = time.perf_counter()
-    if resume_from:
-        trainer.load_checkpoint(resume_from)
-        log(f"resumed from {resume_from} at update {trainer.update_index}")
-    metrics_path = output_dir / METRICS_FILENAME
+    if run.resume_from:
+        trainer.load_checkpoint(run.resume_from)
+        log(f"resumed from {run.resume_from} at update {trainer.update_index}")
+    metrics_path = run.output_dir / METRICS_FILENAME
     if accelerator.is_main_process:
         _drop_replayed_metrics(metrics_path, trainer.update_index)
     while trainer.update_index < recipe.ppo.updates:
@@ -203,8 +193,8 @@ def train(trainer: PPOTrainer, resume_from: str | None, log=print) -> dict:
             log(format_stats(stats))
         accelerator.log(stats, step=trainer.update_index)
         if trainer.update_index % recipe.ppo.save_every == 0 and trainer.update_index < recipe.ppo.updates:
-            trainer.save_checkpoint(output_dir, recipe.ppo.save_total_limit)
-    summary = finish(trainer, resume_from, time.perf_counter() - started)
+            trainer.save_checkpoint(run.output_dir, recipe.ppo.save_total_limit)
+    summary = finish(trainer, run)
     accelerator.end_training()  # last: it also destroys the process group, which finish() still needs
     return summary
 
@@ -224,60 +214,67 @@ def _drop_replayed_metrics(path: Path, last_update: int) -> None:
     path.write_text("".join(kept))
 
 
-def finish(trainer: PPOTrainer, resume_from: str | None, seconds: float) -> dict:
+def finish(trainer: PPOTrainer, run: Run) -> dict:
+    """The final policy, then (main process) the run outputs every stage writes, and the curves."""
     recipe = trainer.recipe
-    output_dir = Path(recipe.output_dir)
     accelerator = trainer.accelerator
     accelerator.wait_for_everyone()
-    policy = trainer.unwrapped.policy
-    summary = {"stage": "ppo", "status": "complete", "base_model": recipe.model.name_or_path,
-               "global_step": trainer.update_index, "max_steps": recipe.ppo.updates, "resumed_from": resume_from,
-               "world_size": accelerator.num_processes, "seconds": round(seconds, 1),
-               "metrics": summarise_history(trainer.history)}
+    history = summarise_history(trainer.history)
+    summary = run_summary(run, global_step=trainer.update_index, max_steps=recipe.ppo.updates,
+                          world_size=accelerator.num_processes, tokens_seen=history.pop("tokens_seen", None),
+                          train_seconds=history.pop("train_seconds", None), metrics=history,
+                          data=episodes_summary(recipe, trainer))
     if accelerator.is_main_process:
-        policy.save_pretrained(str(output_dir))
-        trainer.tokenizer.save_pretrained(str(output_dir))
-        if recipe.lora.enabled and recipe.lora.merge:
-            merged = policy.merge_and_unload()
-            merged.save_pretrained(str(output_dir / MERGED_DIRNAME))
-            trainer.tokenizer.save_pretrained(str(output_dir / MERGED_DIRNAME))
-            save_recipe(recipe, output_dir / MERGED_DIRNAME)
-            summary["merged_dir"] = str(output_dir / MERGED_DIRNAME)
-        (output_dir / SUMMARY_FILENAME).write_text(json.dumps(summary, indent=2) + "\n")
-        (output_dir / "README.md").write_text(model_card(recipe, summary))
-        plot_curves(trainer.history, output_dir / "ppo_curves.png")
+        policy = trainer.unwrapped.policy
+        policy.save_pretrained(str(run.output_dir))
+        write_run_outputs(run, summary, model=policy, tokenizer=trainer.tokenizer,
+                          description=describe_run(recipe, summary), data_section=data_section(summary["data"]),
+                          extra_card=first_and_last_table(trainer.history))
+        plot_curves(trainer.history, run.output_dir / "ppo_curves.png")
     return summary
 
 
-def model_card(recipe: PPORecipe, summary: dict) -> str:
+def episodes_summary(recipe: PPORecipe, trainer: PPOTrainer) -> dict:
+    """What the run trained on: the episodes it played (`data` of run_summary.json)."""
+    e, o = recipe.episodes, recipe.ppo
+    return {"episodes": sum(h.get("rollout/episodes", 0) for h in trainer.history), "rounds": e.rounds,
+            "user_source": e.user_source, "scenario_split": "train", "constraints": [e.min_constraints, e.max_constraints],
+            "user_rule_fraction": e.user_rule_fraction, "episodes_per_update": o.episodes_per_update,
+            "group_size": None if o.uses_critic else o.group_size}
+
+
+def describe_run(recipe: PPORecipe, summary: dict) -> str:
+    o, r = recipe.ppo, recipe.reward
+    group = "" if o.uses_critic else f" (group size {o.group_size}, baseline {o.group_baseline})"
+    responsiveness = r.responsiveness_weight if recipe.responsiveness.enabled else 0
     m = summary["metrics"]
-    rows = "\n".join(f"| {k} | {m['first'][k]:.4g} | {m['last'][k]:.4g} |" for k in m.get("first", {})
-                     if m["first"][k] is not None and m["last"][k] is not None)
-    lora: LoraOptions = recipe.lora
-    group = "" if recipe.ppo.uses_critic else f" (group size {recipe.ppo.group_size})"
-    responsiveness = recipe.reward.responsiveness_weight if recipe.responsiveness.enabled else 0
-    return f"""---
-base_model: {recipe.model.name_or_path}
-library_name: transformers
-tags: [dialogrl, ppo]
----
-# {Path(recipe.output_dir).name}
+    return (f"A step is one PPO update: rollouts, then {o.epochs} epoch(s) of minibatches; advantages "
+            f"`{o.advantage}`{group}, KL in the {'loss' if o.kl_in_loss else 'reward'} (beta {o.kl_beta}). Turn "
+            f"score: reward model {r.model} x {r.rm_weight}, gated rule score x {r.rule_weight}, responsiveness "
+            f"x {responsiveness}. {m.get('seconds_per_update', 0):.1f} s per update, "
+            f"{100 * (m.get('generation_share') or 0):.0f}% of it generating. Curves: `ppo_curves.png`; every "
+            f"update: `{METRICS_FILENAME}`.")
 
-`dialogrl ppo` from **{recipe.model.name_or_path}** ({"LoRA adapter" if lora.enabled else "full weights"}):
-{summary['global_step']} updates of {recipe.ppo.episodes_per_update} episodes x {summary['world_size']} process(es),
-{recipe.episodes.rounds} rounds each ({recipe.episodes.user_source} user), advantages `{recipe.ppo.advantage}`{group},
-reward model {recipe.reward.model} (weight {recipe.reward.rm_weight}), rule weight {recipe.reward.rule_weight},
-responsiveness weight {responsiveness}.
-{summary['seconds']:.0f} s in all, {m.get('seconds_per_update', 0):.1f} s per update,
-{100 * (m.get('generation_share') or 0):.0f}% of it generating. Curves: `ppo_curves.png`; every update: `metrics.jsonl`.
 
+def data_section(data: dict) -> str:
+    group = f", {data['group_size']} copies or siblings per group" if data["group_size"] else ""
+    return (f"{data['episodes']} episodes of up to {data['rounds']} rounds ({data['user_source']} user turns), "
+            f"{data['episodes_per_update']} per update and process{group}; scenarios from the catalogue's "
+            f"{data['scenario_split']} split, {data['constraints'][0]}-{data['constraints'][1]} rules each, "
+            f"a share {data['user_rule_fraction']} of them stated by the user.")
+
+
+def first_and_last_table(history: list[dict]) -> str:
+    if not history:
+        return ""
+    first, last = history[0], history[-1]
+    rows = "\n".join(f"| {k} | {first[k]:.4g} | {last[k]:.4g} |" for k in sorted(first)
+                     if k in last and not k.startswith("time/") and isinstance(first[k], (int, float)))
+    return f"""
+## First and last update
 | metric | first update | last update |
 |---|---|---|
 {rows}
-
-## Recipe
-```yaml
-{dump_recipe(recipe)}```
 """
 
 
@@ -306,5 +303,5 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 
 def main(recipe: PPORecipe, log=print) -> dict:
-    trainer, resume_from = build(recipe, log=log)
-    return train(trainer, resume_from, log=log)
+    trainer, run = build(recipe, log=log)
+    return train(trainer, run, log=log)

@@ -13,7 +13,9 @@ so this one is the project's own. One update:
    reward model, gated rule score, responsiveness, cut penalty); scores are
    normalised by running moments gathered over all processes;
 3. old log-probs, reference log-probs and (gae) values are recomputed with
-   plain forward passes (so the first minibatch has ratio exactly 1);
+   plain forward passes (so the first minibatch has ratio exactly 1); with one
+   optimizer step per rollout and the KL in the loss, the old log-probs are the
+   training pass's own, detached, and that extra pass is skipped;
 4. advantages, by `ppo.advantage`: `gae` puts each turn's score on its last
    generated token, -beta * KL on every generated token, and runs turn-aware
    GAE with the critic (ppo_math.turn_aware_gae); the group modes have no
@@ -38,7 +40,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from dialogrl.evaluation.rollout import DialogueSpec, RolloutEngine, Trajectory
 from dialogrl.evaluation.scenarios import Scenario
 from dialogrl.training import ppo_math
 from dialogrl.training.ppo_config import PPORecipe
+from dialogrl.training.run_lifecycle import rotate_checkpoints
 from dialogrl.training.turn_scores import TurnScorer
 
 STATE_FILENAME = "ppo_state.json"
@@ -226,7 +228,8 @@ class PPOTrainer:
         model = self.unwrapped
         ids, attention = rollout.input_ids, rollout.attention_mask
         mask = rollout.action_mask
-        rollout.old_logprobs = self._logprobs(model.policy, ids, attention, mask)
+        if not o.old_logprobs_from_training_pass:
+            rollout.old_logprobs = self._logprobs(model.policy, ids, attention, mask)
         if self.reference is not None:
             rollout.ref_logprobs = self._logprobs(self.reference, ids, attention, mask)
         else:  # LoRA: the base model is the policy with its adapter switched off
@@ -243,47 +246,54 @@ class PPOTrainer:
         else:
             rollout.scores = rollout.raw_scores
 
-        rollout.kl = ppo_math.kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, mask, "k1")
-        beta = self.kl_control.beta
-        kl_in_reward = 0.0 if o.kl_in_loss else beta
+        kl_in_reward = 0.0 if o.kl_in_loss else self.kl_control.beta
+        if rollout.old_logprobs is not None:
+            rollout.kl = ppo_math.kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, mask, "k1")
         if o.uses_critic:
             self._gae_advantages(rollout, kl_in_reward)
         else:
             self._group_advantages(rollout, kl_in_reward)
 
-        kl_per_episode = (rollout.kl * mask).sum().item()
         # The replies this batch trains on: a turn group's row holds one, every other row all of its own.
         last_only = o.advantage == "turn_group"
         replies = [n for t in rollout.trajectories for n in (t.generated_tokens[-1:] if last_only else t.generated_tokens)]
         ended = [e for t in rollout.trajectories for e in (t.ended_properly[-1:] if last_only else t.ended_properly)]
         parts = rollout.score_parts
         totals = self._reduce_sum([
-            torch.nansum(rollout.raw_scores).item(), present.sum().item(), kl_per_episode, rollout.episodes,
-            sum(replies), len(replies), sum(ended), mask.sum().item(), parts["rm"], parts["rule"],
-            parts["responsiveness"], parts["gate_pass"], parts["judged"], parts["cut"],
+            torch.nansum(rollout.raw_scores).item(), present.sum().item(), rollout.episodes,
+            sum(replies), len(replies), sum(ended), parts["rm"], parts["rule"],
+            parts["responsiveness"], parts["gate_pass"], parts["judged"], parts["cut"], attention.sum().item(),
         ])
-        (score_sum, turns, kl_sum, n_episodes, reply_tokens, n_replies, n_ended, tokens, rm, rule, responsiveness,
-         gate_pass, judged, cut) = totals
+        (score_sum, turns, n_episodes, reply_tokens, n_replies, n_ended, rm, rule, responsiveness,
+         gate_pass, judged, cut, row_tokens) = totals
         stats = {
             "reward/score": score_sum / max(turns, 1),
             "reward/rm": rm / max(turns, 1),
             "reward/rule": rule / max(turns, 1),
             "reward/responsiveness": responsiveness / max(turns, 1),
             "reward/cut_share": cut / max(turns, 1),
-            "kl/episode": kl_sum / max(n_episodes, 1),
-            "kl/token": kl_sum / max(tokens, 1),
-            "kl/beta": beta,
             "rollout/response_len": reply_tokens / max(n_replies, 1),
             "rollout/ended_properly": n_ended / max(n_replies, 1),
             "rollout/episodes": n_episodes,
             "rollout/generated_tokens": reply_tokens,
+            "rollout/tokens": row_tokens,  # every token of the training rows (history and replies)
         }
         if judged:
             stats["reward/gate_pass"] = gate_pass / judged
         if o.uses_critic:
             stats["value/explained_variance"] = float(ppo_math.explained_variance(
                 rollout.old_values, rollout.returns, mask, all_reduce=self._all_reduce_sum))
-        self.kl_control.update(stats["kl/episode"], int(n_episodes))
+        return stats
+
+    def kl_stats(self, rollout: Rollout) -> dict[str, float]:
+        """KL of the sampling policy to the reference (k1, summed over generated tokens), then the KL
+        controller's update: after training, since the KL may come from the training pass."""
+        mask = rollout.action_mask
+        kl_sum, tokens, episodes = self._reduce_sum([(rollout.kl * mask).sum().item(), mask.sum().item(),
+                                                     rollout.episodes])
+        beta = self.kl_control.beta
+        stats = {"kl/episode": kl_sum / max(episodes, 1), "kl/token": kl_sum / max(tokens, 1), "kl/beta": beta}
+        self.kl_control.update(stats["kl/episode"], int(episodes))
         return stats
 
     def _gae_advantages(self, rollout: Rollout, kl_in_reward: float) -> None:
@@ -291,8 +301,9 @@ class PPOTrainer:
         ids, attention, mask = rollout.input_ids, rollout.attention_mask, rollout.action_mask
         all_values = self.unwrapped.values(ids, attention)  # [B, L]: V after reading token t
         rollout.old_values = torch.where(mask, all_values[:, :-1], 0.0)  # value before emitting target t
-        rewards = (ppo_math.place_turn_rewards(torch.nan_to_num(rollout.scores), rollout.turn_ids)
-                   - kl_in_reward * rollout.kl)
+        rewards = ppo_math.place_turn_rewards(torch.nan_to_num(rollout.scores), rollout.turn_ids)
+        if kl_in_reward:
+            rewards = rewards - kl_in_reward * rollout.kl
         bootstrap = torch.zeros(ids.shape[0], device=ids.device)
         if o.bootstrap_at_cut:
             lengths = attention.sum(dim=1)
@@ -313,8 +324,10 @@ class PPOTrainer:
         rounds = rollout.scores.shape[1]
         turn = turn_ids.clamp(min=0)
         # KL of each reply, summed over its tokens: [B, K], taken off the turn's score like any other cost.
-        reply_kl = torch.zeros_like(rollout.scores).scatter_add_(1, turn, torch.where(mask, rollout.kl, 0.0))
-        scores = rollout.scores - kl_in_reward * reply_kl  # nan stays nan where a turn is absent
+        scores = rollout.scores
+        if kl_in_reward:
+            reply_kl = torch.zeros_like(scores).scatter_add_(1, turn, torch.where(mask, rollout.kl, 0.0))
+            scores = scores - kl_in_reward * reply_kl  # nan stays nan where a turn is absent
         group_adv = partial(ppo_math.group_advantages, baseline=o.group_baseline, scale_by_std=o.scale_by_group_std)
         per_turn = torch.zeros_like(scores)  # [B, K]
         if o.advantage == "episode_group" and o.episode_credit == "return_to_go":
@@ -373,7 +386,13 @@ class PPOTrainer:
         start = first_action(mask)
         logits, values = self.model(ids, attention, width - start)
         logprobs = self._target_logprobs(logits, ids, start)
-        p_loss, p_stats = ppo_math.policy_loss(logprobs, pick(rollout.old_logprobs), pick(rollout.advantages), mask,
+        if o.old_logprobs_from_training_pass:  # this minibatch is the whole rollout, trained once
+            old_logprobs = logprobs.detach()
+            rollout.kl = torch.zeros_like(rollout.action_mask, dtype=logprobs.dtype)
+            rollout.kl[index, : width - 1] = ppo_math.kl_penalty(old_logprobs, pick(rollout.ref_logprobs), mask, "k1")
+        else:
+            old_logprobs = pick(rollout.old_logprobs)
+        p_loss, p_stats = ppo_math.policy_loss(logprobs, old_logprobs, pick(rollout.advantages), mask,
                                                clip_eps=o.clip_eps, num_tokens=global_tokens)
         loss = p_loss
         v_loss = kl_loss = torch.zeros(())
@@ -433,6 +452,7 @@ class PPOTrainer:
         stats = self.prepare_batch(rollout)
         prepared = time.perf_counter()
         stats |= self.train_on(rollout)
+        stats |= self.kl_stats(rollout)
         stats["time/rollout"] = rollout_seconds
         stats["time/score_and_prepare"] = prepared - started - rollout_seconds
         stats["time/update"] = time.perf_counter() - prepared
@@ -451,9 +471,7 @@ class PPOTrainer:
             state = {"update_index": self.update_index, "kl_beta": self.kl_control.beta,
                      "score_moments": self.score_moments.state_dict(), "history": self.history}
             (directory / STATE_FILENAME).write_text(json.dumps(state) + "\n")
-            checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-            for old in checkpoints[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            rotate_checkpoints(output_dir, keep, STATE_FILENAME)
         self.accelerator.wait_for_everyone()
         return directory
 
@@ -468,17 +486,18 @@ class PPOTrainer:
 
 
 def summarise_history(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """run_summary.json's metrics: every value logged by the last update, and totals over the updates
+    this run has (a resumed run's history comes back with its checkpoint). `tokens_seen` and
+    `train_seconds` feed the summary's own fields."""
     if not history:
         return {}
-    first, last = history[0], history[-1]
-    keys = [k for k in ("reward/score", "reward/rule", "reward/gate_pass", "kl/episode", "policy/entropy",
-                        "value/explained_variance", "rollout/response_len", "rollout/ended_properly") if k in first]
     total = sum(h["time/total"] for h in history)
-    return {
+    last = {k: v for k, v in history[-1].items() if not k.startswith("time/")}
+    return last | {
         "updates": len(history),
-        "first": {k: first.get(k) for k in keys},
-        "last": {k: last.get(k) for k in keys},
         "seconds_per_update": total / len(history),
         "generated_tokens": sum(h.get("rollout/generated_tokens", 0) for h in history),
         "generation_share": sum(h["time/rollout"] for h in history) / total if total else None,
+        "tokens_seen": int(sum(h.get("rollout/tokens", 0) for h in history)),
+        "train_seconds": total,
     }

@@ -1,8 +1,9 @@
-"""What every TRL-backed stage does around its trainer: model, pad token, LoRA, arguments, resume, save.
+"""What every TRL-backed stage does around its trainer: model, pad token, LoRA, arguments, save.
 
 A stage's `main(recipe)` reads as: `start_run` -> `load_policy`/`load_reward_model`
 -> `prepare_data` -> `trl_arguments` -> build the TRL trainer -> `train` ->
-`finish_run`.
+`finish_run`. The run's lifecycle (resume, checkpoint rotation, run_summary.json,
+model card) is `run_lifecycle.py`, shared with the ppo stage.
 """
 
 from __future__ import annotations
@@ -10,89 +11,26 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import os
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from dialogrl.data.chat_tokens import ChatTokenizer
-from dialogrl.training.config import dump_recipe, save_recipe
 from dialogrl.training.models import ModelConfig, ResolvedModel, load_tokenizer, resolve_model
+from dialogrl.training.run_lifecycle import (
+    TRAINER_STATE_FILENAME,
+    Run,
+    StageError,
+    checkpoint_rotation_callback,
+    is_main_process,
+    run_summary,
+    start_run,
+    write_run_outputs,
+)
 from dialogrl.training.stage_config import LoraOptions, StageRecipe
-from dialogrl.training.tracking import setup_tracking
 
-SUMMARY_FILENAME = "run_summary.json"
-MERGED_DIRNAME = "merged"
 # Pad candidates tried before adding a new token: names that model families reserve for padding or
 # document ends, which chat templates do not emit inside a conversation.
 PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>")
-
-
-class StageError(RuntimeError):
-    """A stage that cannot start as configured (output directory state, resume target, arguments)."""
-
-
-@dataclass
-class Run:
-    recipe: StageRecipe
-    stage: str
-    output_dir: Path
-    resume_from: str | None
-    report_to: list[str]
-    started: float = field(default_factory=time.perf_counter)
-
-
-def start_run(recipe: StageRecipe, stage: str) -> Run:
-    """Check the output directory against `resume`, save config.yaml, set up tracking."""
-    output_dir = Path(recipe.output_dir)
-    resume_from = find_resume_checkpoint(output_dir, recipe.resume)
-    if is_main_process():
-        save_recipe(recipe, output_dir)
-    report_to = setup_tracking(recipe.tracking, output_dir)
-    return Run(recipe, stage, output_dir, resume_from, report_to)
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def last_complete_checkpoint(output_dir: Path, state_file: str = "trainer_state.json") -> str | None:
-    """The newest checkpoint-N that was fully written.
-
-    A run killed while saving leaves a checkpoint directory without its state file, which is
-    written last (the Trainer's trainer_state.json, PPO's ppo_state.json); transformers'
-    get_last_checkpoint would pick that directory anyway.
-    """
-    numbered = []
-    for path in output_dir.glob("checkpoint-*") if output_dir.is_dir() else []:
-        suffix = path.name.removeprefix("checkpoint-")
-        if path.is_dir() and suffix.isdigit():
-            numbered.append((int(suffix), path))
-    for _step, path in sorted(numbered, reverse=True):
-        try:
-            json.loads((path / state_file).read_text())
-        except (OSError, ValueError):
-            continue
-        return str(path)
-    return None
-
-
-def find_resume_checkpoint(output_dir: Path, resume: str, state_file: str = "trainer_state.json") -> str | None:
-    """What `resume: auto|never|DIR` means for this output directory."""
-    last = last_complete_checkpoint(output_dir, state_file)
-    if resume == "auto":
-        return last
-    if resume == "never":
-        if last is not None:
-            raise StageError(f"{output_dir} already holds checkpoint {last}; set resume: auto to continue it, "
-                             "or choose another output_dir")
-        return None
-    target = Path(resume)
-    if not (target / state_file).is_file():
-        raise StageError(f"resume: {resume} is not a checkpoint directory (no {state_file}); "
-                         "use auto, never, or a checkpoint-N directory")
-    return str(target)
 
 
 # --------------------------------------------------------------------------- tokenizer and models
@@ -203,7 +141,7 @@ def trl_arguments(config_cls: type, run: Run, *, has_eval: bool, **stage_args: A
         "logging_first_step": True,
         "save_strategy": "steps",
         "save_steps": t.save_steps,
-        "save_total_limit": t.save_total_limit,
+        "save_total_limit": None,  # train_stage rotates checkpoints (run_lifecycle.rotate_checkpoints)
         "eval_strategy": "steps" if t.eval_steps and has_eval else "no",
         "eval_steps": t.eval_steps,
         "seed": t.seed,
@@ -269,49 +207,29 @@ def train_stage(parts: StageParts, after_training=None) -> dict[str, Any]:
 
     `after_training(parts)` may return (extra metrics, extra model-card markdown).
     """
+    parts.trainer.add_callback(checkpoint_rotation_callback(parts.run.recipe.training.save_total_limit))
     parts.trainer.train(resume_from_checkpoint=parts.run.resume_from)
     metrics = final_log_metrics(parts.trainer)
     if parts.data.eval is not None:
         metrics |= parts.trainer.evaluate()
     extra_metrics, card = after_training(parts) if after_training else ({}, "")
     metrics |= extra_metrics
-    return finish_run(parts.run, parts.trainer, parts.tokenizer, parts.data.summary, metrics,
-                      parts.run.recipe.model.name_or_path, card)
+    return finish_run(parts.run, parts.trainer, parts.tokenizer, parts.data.summary, metrics, card)
 
 
 def finish_run(run: Run, trainer, tokenizer, data_summary: dict[str, Any], metrics: dict[str, Any],
-               base_model: str, extra_card: str = "") -> dict[str, Any]:
-    """Save the final model (and merged weights if asked), the model card and run_summary.json."""
-    trainer.save_model(str(run.output_dir))
+               extra_card: str = "") -> dict[str, Any]:
+    """Save the final model, then (main process) trainer_state.json and the shared run outputs."""
+    trainer.save_model(str(run.output_dir))  # every process: DeepSpeed and FSDP gather the weights here
     state = trainer.state
-    seconds = time.perf_counter() - run.started
-    summary = {
-        "stage": run.stage,
-        "status": "complete",
-        "base_model": base_model,
-        "global_step": state.global_step,
-        "max_steps": state.max_steps,
-        "resumed_from": run.resume_from,
-        "world_size": trainer.accelerator.num_processes,
-        "seconds": round(seconds, 1),
-        "tokens_seen": state.num_input_tokens_seen,
-        "tokens_per_second": round(state.num_input_tokens_seen / metrics["train_runtime"], 1)
-        if metrics.get("train_runtime") else None,
-        "metrics": metrics,
-        "data": data_summary,
-    }
+    summary = run_summary(run, global_step=state.global_step, max_steps=state.max_steps,
+                          world_size=trainer.accelerator.num_processes, tokens_seen=state.num_input_tokens_seen,
+                          train_seconds=metrics.get("train_runtime"), metrics=metrics, data=data_summary)
     if not trainer.accelerator.is_main_process:
         return summary
-    tokenizer.save_pretrained(str(run.output_dir))
-    state.save_to_json(str(run.output_dir / "trainer_state.json"))  # the whole log history, for comparisons
-    if run.recipe.lora.enabled and run.recipe.lora.merge:
-        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-        merged.save_pretrained(str(run.output_dir / MERGED_DIRNAME))
-        tokenizer.save_pretrained(str(run.output_dir / MERGED_DIRNAME))
-        save_recipe(run.recipe, run.output_dir / MERGED_DIRNAME)
-        summary["merged_dir"] = str(run.output_dir / MERGED_DIRNAME)
-    (run.output_dir / "README.md").write_text(model_card(run, summary, extra_card))
-    (run.output_dir / SUMMARY_FILENAME).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    state.save_to_json(str(run.output_dir / TRAINER_STATE_FILENAME))  # the whole log history, for comparisons
+    write_run_outputs(run, summary, model=trainer.accelerator.unwrap_model(trainer.model), tokenizer=tokenizer,
+                      description="", data_section=data_section(data_summary), extra_card=extra_card)
     return summary
 
 
@@ -325,42 +243,14 @@ def final_log_metrics(trainer) -> dict[str, float]:
     return last
 
 
-def model_card(run: Run, summary: dict[str, Any], extra: str = "") -> str:
-    data = summary["data"]
+def data_section(data: dict[str, Any]) -> str:
+    """The model card's data section for rows read by `train_data.prepare_data`."""
     rows = [f"| {s['path']} ({s['split']}) | {s['rows']} | {s['invalid']} | {s['wrong_kind']} |"
             for role in ("train", "eval") for s in data["sources"][role]]
-    metrics = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(summary["metrics"].items())
-                        if isinstance(v, (int, float)))
-    adapter = "a LoRA adapter (load with peft)" if run.recipe.lora.enabled else "full weights"
-    merged = f" The adapter merged into the base is in `{MERGED_DIRNAME}/`." if "merged_dir" in summary else ""
-    return f"""---
-base_model: {summary['base_model']}
-library_name: transformers
-tags: [dialogrl, {run.stage}]
----
-# {run.output_dir.name}
-
-`dialogrl {run.stage}` from **{summary['base_model']}**: {adapter}.{merged}
-{summary['global_step']} optimizer steps in {summary['seconds']:.0f} s
-({summary['tokens_seen']} tokens seen){f", resumed from {summary['resumed_from']}" if summary['resumed_from'] else ""}.
-
-## Data
-Training rows: {data['train']['rows']}; held-out rows: {data['eval']['rows']} ({data['eval_from']});
-max length {data['max_length']} tokens. Set aside (in `rejects.jsonl`, never silently):
-{json.dumps(data['rejects']) if data['rejects'] else 'none'}.
+    rejects = json.dumps(data["rejects"]) if data["rejects"] else "none"
+    return f"""Training rows: {data['train']['rows']}; held-out rows: {data['eval']['rows']} ({data['eval_from']});
+max length {data['max_length']} tokens. Set aside (in `rejects.jsonl`, never silently): {rejects}.
 
 | source | rows read | invalid | wrong kind |
 |---|---|---|---|
-{chr(10).join(rows)}
-
-## Final metrics
-| metric | value |
-|---|---|
-{metrics}
-{extra}
-## Recipe
-Rerun with `dialogrl {run.stage} --config config.yaml` (the resolved recipe, saved next to this card).
-
-```yaml
-{dump_recipe(run.recipe)}```
-"""
+{chr(10).join(rows)}"""
