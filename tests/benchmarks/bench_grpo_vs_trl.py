@@ -23,6 +23,9 @@ Measured on 2 idle cores with the defaults (trl 1.16.0); the rewards were the sa
     5-8    0.438 0.259 0.362 0.333   0.469 0.315 0.345 0.489
     commit 0260981: dialogrl 34.7 s/step, TRL 30.1 s/step (steps 2-8): 1.16x
     commit 3ecbb1e: dialogrl 28.9 s/step, TRL 27.5 s/step: 1.05x (logits only from the first generated token)
+    commit 4ace0d3: dialogrl 55.8 s/step, TRL 75.5 s/step: 0.74x (no separate old-log-prob pass); the
+        machine ran 1.9x (dialogrl) and 2.7x (TRL) slower than in the earlier runs, and the two trainers
+        run one after the other, so this ratio carries the machine's drift as well as the change
 
 Each step draws new prompts, so the per-step reward mostly reflects which rules come up; 8 steps at
 lr 1e-5 are too few to show learning in either (gain -0.211 vs -0.185).
