@@ -237,7 +237,7 @@ def finish(trainer: PPOTrainer, run: Run) -> dict:
 def episodes_summary(recipe: PPORecipe, trainer: PPOTrainer) -> dict:
     """What the run trained on: the episodes it played (`data` of run_summary.json)."""
     e, o = recipe.episodes, recipe.ppo
-    return {"episodes": sum(h.get("rollout/episodes", 0) for h in trainer.history), "rounds": e.rounds,
+    return {"episodes": int(sum(h.get("rollout/episodes", 0) for h in trainer.history)), "rounds": e.rounds,
             "user_source": e.user_source, "scenario_split": "train", "constraints": [e.min_constraints, e.max_constraints],
             "user_rule_fraction": e.user_rule_fraction, "episodes_per_update": o.episodes_per_update,
             "group_size": None if o.uses_critic else o.group_size}
@@ -247,11 +247,12 @@ def describe_run(recipe: PPORecipe, summary: dict) -> str:
     o, r = recipe.ppo, recipe.reward
     group = "" if o.uses_critic else f" (group size {o.group_size}, baseline {o.group_baseline})"
     responsiveness = r.responsiveness_weight if recipe.responsiveness.enabled else 0
+    reward_model = f"reward model {r.model} x {r.rm_weight}, " if r.model and r.rm_weight else ""
     m = summary["metrics"]
     return (f"A step is one PPO update: rollouts, then {o.epochs} epoch(s) of minibatches; advantages "
             f"`{o.advantage}`{group}, KL in the {'loss' if o.kl_in_loss else 'reward'} (beta {o.kl_beta}). Turn "
-            f"score: reward model {r.model} x {r.rm_weight}, gated rule score x {r.rule_weight}, responsiveness "
-            f"x {responsiveness}. {m.get('seconds_per_update', 0):.1f} s per update, "
+            f"score: {reward_model}gated rule score x {r.rule_weight}, responsiveness x {responsiveness}. "
+            f"{m.get('seconds_per_update', 0):.1f} s per update, "
             f"{100 * (m.get('generation_share') or 0):.0f}% of it generating. Curves: `ppo_curves.png`; every "
             f"update: `{METRICS_FILENAME}`.")
 
