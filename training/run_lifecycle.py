@@ -113,7 +113,8 @@ def find_resume_checkpoint(output_dir: Path, resume: str, state_file: str = TRAI
 
 
 def rotate_checkpoints(output_dir: Path, keep: int, state_file: str = TRAINER_STATE_FILENAME) -> list[Path]:
-    """Delete all but the newest `keep` complete checkpoints; returns what was deleted.
+    """Keep the newest `keep` checkpoints up to the newest complete one (that one included) and
+    delete the older ones; returns what was deleted.
 
     Only a checkpoint older than the newest complete one can go, so a half-written newest
     checkpoint never costs the run its last good one.
