@@ -38,14 +38,18 @@ def test_rotation_keeps_the_newest_complete_checkpoints_and_leaves_newer_partial
 
 
 def test_a_trainer_stage_rotates_its_checkpoints_with_the_shared_rotation(tiny_model_dir, tmp_path):
+    """A half-written checkpoint-100 left by an earlier killed run (no trainer_state.json): the Trainer's
+    own rotation would count it as the newest and delete checkpoint-6; the shared one keeps the two
+    newest complete checkpoints and leaves the broken one alone."""
     from dialogrl.training import sft
 
     data = write_conversations(tmp_path / "sft.jsonl", 8)
     out = tmp_path / "out"
+    make_checkpoints(out, [(100, False)], "trainer_state.json")
     sft.main(recipe("sft", tiny_model_dir, data, out, "data.eval_fraction=0", "training.max_steps=7",
                     "training.save_steps=2", "training.save_total_limit=2", "training.per_device_batch_size=1"),
              log=lambda _: None)
-    assert names(out) == ["checkpoint-6", "checkpoint-7"]  # the Trainer also saves at its last step
+    assert names(out) == ["checkpoint-6", "checkpoint-7", "checkpoint-100"]  # the Trainer also saves at its last step
 
 
 def test_ppo_and_sft_share_the_summary_schema_the_card_and_the_cli_report(tiny_model_dir, tmp_path, capsys):

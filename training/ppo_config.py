@@ -141,7 +141,7 @@ class PPOOptions:
         """One optimizer step per rollout and nothing needs the KL before it: the policy that trains is the
         one that sampled, so its first training forward gives the old log-probs (ratio 1) and the separate
         no-grad pass is skipped (TRL's GRPOTrainer does the same with num_iterations=1)."""
-        return self.epochs == 1 and self.episodes_per_update <= self.minibatch_episodes and self.kl_in_loss
+        return self.epochs == 1 and self.episodes_per_update == self.minibatch_episodes and self.kl_in_loss
 
     def __post_init__(self) -> None:
         if not self.uses_critic:
