@@ -23,7 +23,7 @@ def length_check(chat: ChatTokenizer, max_length: int | None) -> Callable[[Recor
         problems = []
         for field, messages in record_sequences(record):
             try:
-                tokens = len(chat(messages))
+                tokens = len(chat(messages, record.tools))
             except TemplateError as err:
                 problems.append((field, str(err)))
                 continue

@@ -2,8 +2,11 @@
 
 A conversation is a list of messages `{"role", "content"}`: an optional system
 message first, then user and assistant turns alternating, starting with the
-user. A preference pair is a prompt (a conversation ending in a user turn) and
-two assistant replies to it.
+user. An assistant message may call tools (`tool_calls`); the results follow as
+`role: tool` messages, one per call, and then the assistant goes on (see
+tool_calls.py; a row's `tools` list says which tools exist). A preference pair
+is a prompt (a conversation ending in a user turn or tool results) and two
+assistant replies to it.
 
 Rows arrive in the formats people bring (OpenAI `messages`, ShareGPT
 `conversations`, prompt/completion, prompt/chosen/rejected with an explicit or
@@ -19,7 +22,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-ROLES = ("system", "user", "assistant")
+from dialogrl.data.tool_calls import (
+    clean_tool_calls,
+    tool_call_problems,
+    tool_names,
+    tool_result_problems,
+    tools_problems,
+)
+
+ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
@@ -58,8 +69,9 @@ class RowError(ValueError):
 
 @dataclass
 class Conversation:
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     meta: dict[str, Any] = field(default_factory=dict)
+    tools: list[dict[str, Any]] | None = None  # the tool definitions the template renders
 
     @property
     def system(self) -> str | None:
@@ -76,6 +88,7 @@ class PreferencePair:
     chosen: list[dict[str, str]]  # assistant message(s) continuing the prompt
     rejected: list[dict[str, str]]
     meta: dict[str, Any] = field(default_factory=dict)
+    tools: list[dict[str, Any]] | None = None
 
     @property
     def turn_index(self) -> int:
@@ -95,13 +108,15 @@ def message_problems(
     *,
     forbidden_substrings: Sequence[str] = (),
     max_chars: int | None = None,
+    known_tools: set[str] | None = None,
 ) -> list[tuple[str, str]]:
-    """Problems of one message list taken on its own (roles, contents, limits)."""
+    """Problems of one message list taken on its own (roles, contents, tool calls, limits)."""
     if not isinstance(messages, list):
         return [(field_name, f"expected a list of messages, got {type(messages).__name__}")]
     if not messages:
         return [(field_name, "is empty")]
     problems = []
+    open_calls = 0
     for i, message in enumerate(messages):
         where = f"{field_name}[{i}]"
         if not isinstance(message, dict):
@@ -110,6 +125,18 @@ def message_problems(
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             problems.append((f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})"))
+        calls = message.get("tool_calls")
+        if "tool_calls" in message and role != "assistant":
+            problems.append((f"{where}.tool_calls", f"only assistant messages call tools, this one is {role!r}"))
+        elif calls is not None:
+            problems += tool_call_problems(calls, where, known_tools)
+        if role == "tool":
+            problems += tool_result_problems(message, where, open_calls)
+            open_calls -= 1
+            continue
+        open_calls = len(calls) if isinstance(calls, list) and role == "assistant" else 0
+        if calls and content in (None, ""):
+            continue  # a message that only calls tools
         if not isinstance(content, str):
             problems.append((f"{where}.content", f"expected a string, got {type(content).__name__}"))
         elif not content.strip():
@@ -126,23 +153,48 @@ def message_problems(
     return problems
 
 
-def order_problems(messages: list[dict[str, str]], field_name: str, *, ends_with: str | None) -> list[tuple[str, str]]:
-    """Turn order: [system] user assistant user assistant ..., ending as required."""
+def order_problems(messages: list[dict[str, Any]], field_name: str, *, ends_with: str | None
+                   ) -> list[tuple[str, str]]:
+    """Turn order: [system] user assistant user assistant ..., ending as required.
+
+    An assistant message with `tool_calls` is followed by one tool result per call,
+    then by the assistant again. `ends_with="user"` (a prompt) also accepts tool
+    results at the end: the assistant answers next either way.
+    """
     body = messages[1:] if messages and messages[0].get("role") == "system" else messages
     offset = len(messages) - len(body)
+    expected, open_calls = "user", 0
     for i, message in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message.get("role") != expected and message.get("role") != "system":
-            return [(f"{field_name}[{i + offset}].role", f"expected {expected} here (turns must alternate user/assistant, "
-                                                         f"starting with user), got {message.get('role')!r}")]
+        role = message.get("role")
+        if role != expected and role != "system":
+            return [(f"{field_name}[{i + offset}].role", _order_reason(expected, open_calls, role))]
+        if role == "user":
+            expected = "assistant"
+        elif role == "assistant":
+            open_calls = len(message.get("tool_calls") or [])
+            expected = "tool" if open_calls else "user"
+        elif role == "tool":
+            open_calls -= 1
+            expected = "tool" if open_calls else "assistant"
     if not body:
         return [(field_name, "has no user or assistant turn")]
-    if ends_with and body[-1].get("role") != ends_with:
-        if ends_with == "assistant":
-            return [(field_name, "has no assistant reply after its last user turn")
-                    if any(m.get("role") == "assistant" for m in body) else (field_name, "has no assistant turn")]
-        return [(field_name, f"must end with a {ends_with} turn, ends with {body[-1].get('role')!r}")]
+    last = body[-1].get("role")
+    if ends_with == "assistant" and (last != "assistant" or open_calls):
+        if open_calls:
+            return [(field_name, f"ends with {open_calls} tool call(s) that have no result")]
+        return [(field_name, "has no assistant reply after its last user turn")
+                if any(m.get("role") == "assistant" for m in body) else (field_name, "has no assistant turn")]
+    if ends_with == "user" and (last not in ("user", "tool") or open_calls):
+        return [(field_name, f"must end with a user turn (or all tool results), ends with {last!r}")]
     return []
+
+
+def _order_reason(expected: str, open_calls: int, got: Any) -> str:
+    if expected == "tool":
+        return f"expected a tool result here ({open_calls} tool call(s) still unanswered), got {got!r}"
+    if expected == "assistant":
+        return f"expected assistant here (the assistant answers a user turn and tool results), got {got!r}"
+    return (f"expected user here (turns must alternate user/assistant, starting with user), got {got!r}")
 
 
 def check_conversation(messages: Any, field_name: str = "messages", **limits: Any) -> list[tuple[str, str]]:
@@ -214,10 +266,15 @@ def normalise_row(
     """
     if not isinstance(row, dict):
         raise RowError([("row", f"expected a JSON object, got {type(row).__name__}")])
-    limits = {"forbidden_substrings": forbidden_substrings, "max_chars": max_chars}
+    tools = row.get("tools")
+    if tools is not None:
+        if problems := tools_problems(tools):
+            raise RowError(problems)
+        tools = [{"type": "function", "function": dict(t["function"])} for t in tools] or None
+    limits = {"forbidden_substrings": forbidden_substrings, "max_chars": max_chars, "known_tools": tool_names(tools)}
     kind = detect_format(row)
     meta = {k: v for k, v in row.items() if k not in ("messages", "conversations", "prompt", "completion",
-                                                     "chosen", "rejected", "draft", "edited")}
+                                                     "chosen", "rejected", "draft", "edited", "tools")}
     if kind == "unknown":
         raise RowError([("row", f"no recognised fields (has {sorted(row)}); expected messages, conversations, "
                                 "prompt+completion, chosen+rejected (with or without prompt), or messages+draft+edited")])
@@ -240,7 +297,7 @@ def normalise_row(
         problems = check_conversation(messages, field_name, **limits)
         if problems:
             raise RowError(problems)
-        return Conversation([{"role": m["role"], "content": m["content"]} for m in messages], meta | {"format": kind})
+        return Conversation(clean_messages(messages), meta | {"format": kind}, tools)
 
     if kind == "edit":
         prompt, chosen, rejected = row.get("messages"), _as_messages(row["edited"], "assistant"), _as_messages(
@@ -272,9 +329,22 @@ def normalise_row(
     for name, reply in ((names[1], chosen), (names[2], rejected)):
         if any(m["role"] != "assistant" for m in reply):
             problems.append((name, "must hold only the assistant reply to the prompt"))
-    if not problems and [m["content"].strip() for m in chosen] == [m["content"].strip() for m in rejected]:
+    if not problems and [(m["content"] or "").strip() for m in chosen] == [(m["content"] or "").strip() for m in rejected] \
+            and [m.get("tool_calls") for m in chosen] == [m.get("tool_calls") for m in rejected]:
         problems.append((names[1], f"{names[1]} is identical to {names[2]}"))
     if problems:
         raise RowError(problems)
-    clean = lambda ms: [{"role": m["role"], "content": m["content"]} for m in ms]  # noqa: E731
-    return PreferencePair(clean(prompt), clean(chosen), clean(rejected), meta | {"format": kind})
+    return PreferencePair(clean_messages(prompt), clean_messages(chosen), clean_messages(rejected),
+                          meta | {"format": kind}, tools)
+
+
+def clean_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Checked messages with only the keys templates read; a message that only calls tools has content ""."""
+    out = []
+    for message in messages:
+        clean = {"role": message["role"], "content": message.get("content") or ""}
+        if message.get("tool_calls"):
+            clean["tool_calls"] = clean_tool_calls(message["tool_calls"])
+        clean |= {key: message[key] for key in ("tool_call_id", "name") if message["role"] == "tool" and key in message}
+        out.append(clean)
+    return out

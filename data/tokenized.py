@@ -9,6 +9,7 @@ caller can count it and write it to a rejects file.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -19,14 +20,18 @@ COLUMNS = ("input_ids", "assistant_mask", "turn_index", "length", "error")
 
 
 def _tokenize_batch(batch: dict[str, list[Any]], chat: ChatTokenizer, max_length: int | None) -> dict[str, list]:
-    conversations = batch["messages"]
+    if "conversation_json" in batch:
+        rows = [json.loads(row) for row in batch["conversation_json"]]
+        conversations, tools = [row["messages"] for row in rows], [row.get("tools") for row in rows]
+    else:
+        conversations, tools = batch["messages"], [None] * len(batch["messages"])
     try:
-        results: list[Any] = chat.tokenize_many(conversations)
+        results: list[Any] = chat.tokenize_many(conversations, tools)
     except TemplateError:
         results = []
-        for messages in conversations:  # find which rows fail, keep the others
+        for messages, row_tools in zip(conversations, tools, strict=True):  # find which rows fail, keep the others
             try:
-                results.append(chat(messages))
+                results.append(chat(messages, row_tools))
             except TemplateError as err:
                 results.append(err)
     out: dict[str, list] = {name: [] for name in COLUMNS}
@@ -68,8 +73,9 @@ def default_num_proc() -> int:
 
 def tokenize_conversations(
     tokenizer,
-    conversations: Sequence[Sequence[dict[str, str]]] | Any,
+    conversations: Sequence[Sequence[dict[str, Any]]] | Any,
     *,
+    tools: Sequence[list[dict[str, Any]] | None] | None = None,
     max_length: int | None = None,
     num_proc: int | None = None,
     batch_size: int = 256,
@@ -77,14 +83,20 @@ def tokenize_conversations(
 ):
     """A `datasets.Dataset` with input_ids, assistant_mask, turn_index, length and error per conversation.
 
-    `conversations` is a list of message lists, or a Dataset with a `messages` column.
+    `conversations` is a list of message lists (with `tools[i]` the tool list of
+    conversation i), or a Dataset with a `messages` column.
     """
     from datasets import Dataset
 
     chat = tokenizer if isinstance(tokenizer, ChatTokenizer) else ChatTokenizer(tokenizer)
-    dataset = conversations if isinstance(conversations, Dataset) else Dataset.from_dict(
-        {"messages": [list(m) for m in conversations]}
-    )
+    if isinstance(conversations, Dataset):
+        dataset = conversations
+    else:
+        # As JSON text: Arrow would merge the keys of all rows' messages (and of all tool
+        # arguments) into one struct, giving every message the others' keys as None.
+        tools = list(tools) if tools is not None else [None] * len(conversations)
+        dataset = Dataset.from_dict({"conversation_json": [
+            json.dumps({"messages": list(m), "tools": t}) for m, t in zip(conversations, tools, strict=True)]})
     num_proc = default_num_proc() if num_proc is None else num_proc
     num_proc = max(1, min(num_proc, max(1, len(dataset) // batch_size)))
     return dataset.map(

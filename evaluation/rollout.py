@@ -136,7 +136,6 @@ class RolloutEngine:
         manager that wraps each generate call (an intervention such as split-softmax)."""
         self.model = model
         self.tokenizer = tokenizer
-        self.chat = ChatTokenizer(tokenizer)
         self.sampling = sampling
         self.batch_size = batch_size
         self.reuse_cache = reuse_cache
@@ -144,6 +143,9 @@ class RolloutEngine:
         self.generation_context = generation_context
         self.generate_kwargs = sampling.generate_kwargs(tokenizer, model)
         self.stop_ids = set(self.generate_kwargs["eos_token_id"])
+        # Replies end where generation stops, so the masks of rollouts end at the same tokens.
+        self.chat = ChatTokenizer(tokenizer, stop_tokens=tokenizer.convert_ids_to_tokens(
+            self.generate_kwargs["eos_token_id"]))
         self.pad_id = self.generate_kwargs["pad_token_id"]
         self.tokens_generated = 0
         self.rows_set_aside = 0  # rows that left a round early (finished before the others)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from templates import TEMPLATES, WORKING, stand_in_tokenizer
+from templates import TEMPLATES, TRL_SET, WORKING, expected_reply_texts, stand_in_chat
 
 from dialogrl.data.chat_tokens import ChatTokenizer, TemplateError
 
@@ -14,7 +14,7 @@ _TOKENIZERS: dict[str, ChatTokenizer] = {}
 
 def chat_tokenizer(name: str) -> ChatTokenizer:
     if name not in _TOKENIZERS:
-        _TOKENIZERS[name] = ChatTokenizer(stand_in_tokenizer(name))
+        _TOKENIZERS[name] = stand_in_chat(TRL_SET[name])
     return _TOKENIZERS[name]
 
 
@@ -42,22 +42,22 @@ def masked_texts(tokenizer, result):
 @pytest.mark.parametrize("name", WORKING)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_masked_tokens_are_exactly_each_reply_and_its_end_token(name, data):
+def test_masked_tokens_are_exactly_what_the_model_generates_for_each_turn(name, data):
+    template = TRL_SET[name]
     chat = chat_tokenizer(name)
-    messages = data.draw(conversations(with_system=TEMPLATES[name][3]))
+    messages = data.draw(conversations(with_system=template.system))
     result = chat(messages)
-    end_token = TEMPLATES[name][2] if name != "phi3" else "<|end|>"
-    replies = [m["content"] for m in messages if m["role"] == "assistant"]
-    texts = masked_texts(chat.tokenizer, result)
-    assert len(texts) == len(replies)
-    for text, reply in zip(texts, replies, strict=True):
-        assert text.endswith(end_token)
-        # Whitespace the template keeps between content and end token is part of the turn.
-        assert text[: -len(end_token)].rstrip() == reply.strip()
-
+    assert masked_texts(chat.tokenizer, result) == expected_reply_texts(chat.tokenizer, messages, template.stop_tokens)
     # The whole sequence is exactly the template's rendering, tokenised.
     assert chat.tokenizer.decode(result.input_ids) == chat.tokenizer.apply_chat_template(messages, tokenize=False)
     assert len(result.input_ids) == len(result.assistant_mask) == len(result.turn_index)
+    # What the model saw before each turn is what it is given when asked to generate it; the one
+    # exception is a reply whose leading whitespace would merge with the prompt's last token.
+    replies = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    for k, (start, _end) in zip(replies, result.assistant_spans(), strict=True):
+        prompt = chat.tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
+        if not any(messages[j]["content"][:1].isspace() for j in replies if j < k):
+            assert result.input_ids[:start] == chat.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.parametrize("name", WORKING)
@@ -123,7 +123,7 @@ def test_template_that_changes_the_generation_context_is_refused():
 def test_template_without_end_token_after_replies_is_refused():
     chat = chat_tokenizer("glm4moe")
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    with pytest.raises(TemplateError, match="not followed by a special end-of-turn token"):
+    with pytest.raises(TemplateError, match="not followed by a stop token"):
         chat(messages)
 
 

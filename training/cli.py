@@ -71,11 +71,13 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     forbidden: list[str] = []
     row_check = None
     if args.model:
-        from dialogrl.data.chat_tokens import ChatTokenizer, TemplateError
-        from dialogrl.training.models import ModelConfig, load_tokenizer
+        from dialogrl.data.chat_tokens import ChatTokenizer, TemplateError, generation_stop_tokens
+        from dialogrl.training.models import ModelConfig, load_generation_config, load_tokenizer
 
+        model = ModelConfig(name_or_path=args.model)
         try:
-            chat = ChatTokenizer(load_tokenizer(ModelConfig(name_or_path=args.model)))
+            tokenizer = load_tokenizer(model)
+            chat = ChatTokenizer(tokenizer, generation_stop_tokens(tokenizer, load_generation_config(model)))
         except TemplateError as err:
             raise UserError(f"{args.model}: {err}") from None
         forbidden = chat.special_tokens

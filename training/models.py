@@ -128,6 +128,17 @@ def load_tokenizer(config: ModelConfig, resolved: ResolvedModel | None = None):
     return tokenizer
 
 
+def load_generation_config(config: ModelConfig, resolved: ResolvedModel | None = None):
+    """The model's generation_config.json (its end-of-turn tokens), or None where it has none."""
+    from transformers import GenerationConfig
+
+    resolved = resolved or resolve_model(config.name_or_path, revision=config.revision)
+    try:
+        return GenerationConfig.from_pretrained(resolved.location, revision=_revision(config, resolved))
+    except OSError:  # no generation_config.json: the tokenizer's eos token is the only stop token
+        return None
+
+
 def load_causal_lm(config: ModelConfig, resolved: ResolvedModel | None = None):
     return _from_pretrained("AutoModelForCausalLM", config, resolved)
 

@@ -130,8 +130,9 @@ def _tokenize(records: list[Record], stage: StageKind, chat: ChatTokenizer, max_
         sequences = [r.messages for r in records]
     else:
         sequences = [seq for r in records for seq in (r.prompt + r.chosen, r.prompt + r.rejected)]
-    columns = tokenize_conversations(chat, sequences, max_length=max_length).to_dict() if sequences else {}
     per_record = 1 if stage == "sft" else 2
+    tools = [r.tools for r in records for _ in range(per_record)]
+    columns = tokenize_conversations(chat, sequences, tools=tools, max_length=max_length).to_dict() if sequences else {}
     rows = []
     for i, record in enumerate(records):
         parts = [{name: values[i * per_record + j] for name, values in columns.items()} for j in range(per_record)]
@@ -154,9 +155,10 @@ def _tokenize(records: list[Record], stage: StageKind, chat: ChatTokenizer, max_
 
 
 def _plain(record: Record) -> dict[str, Any]:
+    tools = {"tools": record.tools} if record.tools else {}
     if isinstance(record, Conversation):
-        return {"messages": record.messages}
-    return {"prompt": record.prompt, "chosen": record.chosen, "rejected": record.rejected}
+        return {"messages": record.messages} | tools
+    return {"prompt": record.prompt, "chosen": record.chosen, "rejected": record.rejected} | tools
 
 
 def prepare_data(data: TrainData, stage: StageKind, chat: ChatTokenizer, output_dir: str | Path, *,
