@@ -102,7 +102,7 @@ def generation_stop_tokens(tokenizer, generation_config: Any = None) -> list[str
 
 
 def _render(tokenizer, messages: Sequence[Message], tools: Tools, *, generation_prompt: bool) -> str:
-    extra = {"tools": tools} if tools else {}
+    extra = {"tools": tools} if tools is not None else {}
     try:
         return tokenizer.apply_chat_template(
             list(messages), tokenize=False, add_generation_prompt=generation_prompt, **extra
@@ -201,6 +201,13 @@ class ChatTokenizer:
                 f"assistant turn {k} is not followed by a stop token ({', '.join(self.stop_tokens)}) before the next "
                 "message, so a model trained on it would not learn where to stop; pass the model's generation "
                 "config (its eos_token_id lists the end-of-turn tokens) or a tokenizer whose eos_token ends a turn"
+            )
+        missing = [call["function"]["name"] for call in messages[k].get("tool_calls") or []
+                   if call["function"]["name"] not in text[start:stop.start()]]
+        if missing:
+            raise TemplateError(
+                f"the chat template does not render the tool call(s) {missing} of assistant turn {k}, so the model "
+                "would be trained to answer with nothing; use a template that renders tool_calls"
             )
         content_end = text.rfind(found[0], start, stop.start()) + len(found[0]) if found else start
         return start, content_end, stop.end()

@@ -37,7 +37,11 @@ class Template:
     system: bool = True  # renders a system message
     tools: bool = False  # renders tools=, tool_calls and tool messages
     source: str = ""
+    model: str = ""
+    tokenizer_style: str = "bpe"  # the real tokenizer's kind: "bpe" (byte-level) or "sentencepiece"
     refused: str | None = None  # why ChatTokenizer refuses it (a phrase of its error), None when it must work
+    refused_tools: str | None = None  # the same for a dialogue with tool calls
+    refusal_reason: str = ""  # what the template does that makes it unusable, in words
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -85,8 +89,9 @@ def corpus() -> dict[str, Template]:
         return {}
     out = {}
     for entry in json.loads(manifest.read_text()):
-        known = {k: entry[k] for k in ("special_tokens", "bos", "stop_tokens", "system", "tools", "source",
-                                       "refused", "notes") if k in entry}
+        known = {k: entry[k] for k in ("special_tokens", "bos", "stop_tokens", "system", "tools", "source", "model",
+                                       "tokenizer_style", "refused", "refused_tools", "refusal_reason", "notes")
+                 if k in entry}
         out[entry["family"]] = Template(entry["family"], (CORPUS / f"{entry['family']}.jinja").read_text(), **known)
     return out
 
@@ -123,7 +128,7 @@ def expected_reply_texts(tokenizer, messages, stop_tokens, tools=None) -> list[s
     Turn k's text starts where the template's generation prompt for messages[:k] ends
     and runs to the end of the first stop token after the reply's content.
     """
-    extra = {"tools": tools} if tools else {}
+    extra = {"tools": tools} if tools is not None else {}
     text = tokenizer.apply_chat_template(messages, tokenize=False, **extra)
     out = []
     for k, message in enumerate(messages):
@@ -136,3 +141,12 @@ def expected_reply_texts(tokenizer, messages, stop_tokens, tools=None) -> list[s
         ends = [text.index(s, after) + len(s) for s in stop_tokens if s in text[after:]]
         out.append(text[len(prompt):min(ends)])
     return out
+
+
+def span_texts(tokenizer, input_ids, spans) -> list[str]:
+    """The text of each token span as it reads inside the whole sequence.
+
+    Decoding a slice alone would drop a SentencePiece word-start space at its start,
+    so each span's text is the decoded prefix up to its end minus the prefix up to its start.
+    """
+    return [tokenizer.decode(input_ids[:b])[len(tokenizer.decode(input_ids[:a])):] for a, b in spans]

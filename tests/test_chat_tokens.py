@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from templates import TEMPLATES, TRL_SET, WORKING, expected_reply_texts, stand_in_chat
+from templates import TEMPLATES, TRL_SET, WORKING, expected_reply_texts, span_texts, stand_in_chat
 
 from dialogrl.data.chat_tokens import ChatTokenizer, TemplateError
 
@@ -141,3 +141,121 @@ def test_batch_equals_one_at_a_time():
         for i in range(1, 6)
     ]
     assert chat.tokenize_many(batch) == [chat(messages) for messages in batch]
+
+
+# --------------------------------------------------------------------------- exact masks
+
+
+@pytest.mark.parametrize("reply", ["\nstarts with a newline", "  two spaces", " one space\n"])
+def test_leading_and_trailing_whitespace_of_a_reply_is_trained(reply):
+    """ChatML keeps the content as written, so its whitespace is part of what the model must generate."""
+    chat = chat_tokenizer("smollm2")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply},
+                {"role": "user", "content": "and?"}, {"role": "assistant", "content": reply}]
+    assert masked_texts(chat.tokenizer, chat(messages)) == [reply + "<|im_end|>"] * 2
+
+
+def test_stop_tokens_come_from_the_generation_config():
+    """Phi-3's eos is <|endoftext|>, its turns end with <|end|>, which generation_config.json lists."""
+    from types import SimpleNamespace
+
+    from dialogrl.data.chat_tokens import generation_stop_tokens
+
+    tokenizer = chat_tokenizer("phi3").tokenizer
+    config = SimpleNamespace(eos_token_id=[tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.eos_token_id])
+    assert generation_stop_tokens(tokenizer, config) == ["<|endoftext|>", "<|end|>"]
+    assert generation_stop_tokens(tokenizer) == ["<|endoftext|>"]
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao"}]
+    with_config = ChatTokenizer(tokenizer, generation_stop_tokens(tokenizer, config))
+    assert masked_texts(tokenizer, with_config(messages)) == ["hello<|end|>", "ciao<|end|>"]
+    # Without it, the first turn has no stop token before the next user turn: refused, not guessed.
+    with pytest.raises(TemplateError, match=r"not followed by a stop token \(<\|endoftext\|>\)"):
+        ChatTokenizer(tokenizer)(messages)
+
+
+def test_a_message_without_content_is_a_clear_error_not_a_crash():
+    chat = chat_tokenizer("qwen2_5")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]
+    with pytest.raises(TemplateError, match="cannot render this conversation"):
+        chat(messages)
+
+
+# --------------------------------------------------------------------------- SentencePiece
+
+
+SENTENCEPIECE_CASES = [  # (tokenizer style, template family): how each real model loads
+    ("gemma", "gemma3"),
+    ("llama_legacy", "llama2"),
+    ("llama_legacy", "mistral_v0_1"),
+    ("llama", "mistral_v0_3"),
+]
+
+
+@pytest.mark.parametrize(("style", "family"), SENTENCEPIECE_CASES)
+def test_sentencepiece_prompt_tokens_equal_inference_tokens(style, family):
+    """No word-start marker is added at a border: the tokens decode to the rendered text, turn by turn."""
+    from sentencepiece_tokenizers import sentencepiece_tokenizer
+    from templates import corpus
+
+    template = TRL_SET.get(family) or corpus().get(family)
+    if template is None:
+        pytest.fail(f"template {family} is missing from tests/data/chat_templates")
+    tokenizer = sentencepiece_tokenizer(style, template.text, [t for t in template.special_tokens
+                                                             if t not in ("<s>", "</s>", "<unk>")])
+    stops = [s if s not in ("<eos>",) else tokenizer.eos_token for s in template.stop_tokens]
+    stops = [s for s in dict.fromkeys(stops) if s in tokenizer.all_special_tokens] or [tokenizer.eos_token]
+    chat = ChatTokenizer(tokenizer, stops)
+    messages = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "Hi, how are you?"},
+                {"role": "user", "content": "fine thanks"}, {"role": "assistant", "content": "good to hear"},
+                {"role": "user", "content": "what about you"}, {"role": "assistant", "content": "warm tea"}]
+    result = chat(messages)
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    if style != "llama_legacy":  # legacy Llama puts a word-start marker after every special token, by design
+        assert tokenizer.decode(result.input_ids) == text
+    assert span_texts(tokenizer, result.input_ids, result.assistant_spans()) == expected_reply_texts(
+        tokenizer, messages, stops)
+    for k, (start, _end) in zip((1, 3, 5), result.assistant_spans(), strict=True):
+        prompt = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
+        assert result.input_ids[:start] == tokenizer(prompt, add_special_tokens=False)["input_ids"], k
+    # The whole text tokenised at once agrees too: no border changed a token.
+    assert result.input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# --------------------------------------------------------------------------- real templates' end and scaffolding
+
+
+def _corpus_masks(family, messages=None, tools=None):
+    from templates import corpus
+
+    template = corpus()[family]
+    chat = stand_in_chat(template)
+    messages = messages or [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Hi there."},
+                            {"role": "user", "content": "bye"}, {"role": "assistant", "content": "See you."}]
+    return masked_texts(chat.tokenizer, chat(messages, tools))
+
+
+def test_a_turn_ends_at_the_model_stop_token_not_at_the_first_special_token():
+    """Command-A closes a reply with <|END_RESPONSE|> and stops generating at <|END_OF_TURN_TOKEN|>."""
+    masks = _corpus_masks("command_a")
+    assert all(m.endswith("<|END_RESPONSE|><|END_OF_TURN_TOKEN|>") for m in masks), masks
+
+
+@pytest.mark.parametrize(("family", "scaffold"), [
+    ("llama2", " Hi there. </s>"),  # `[/INST] ` + content + ` </s>`: the space is the model's to write
+    ("command_a", "<|START_RESPONSE|>Hi there."),
+    ("kimi_k2_thinking", "<think></think>Hi there."),
+])
+def test_text_the_template_writes_after_the_generation_prompt_is_trained(family, scaffold):
+    assert _corpus_masks(family)[0].startswith(scaffold)
+
+
+def test_gpt_oss_tool_call_trains_its_channel_header():
+    from test_tool_dialogues import weather_row
+
+    from dialogrl.data.records import normalise_row
+
+    record = normalise_row(weather_row())
+    call, answer = _corpus_masks("gpt_oss", record.messages, record.tools)
+    assert call == ' to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>'
+    assert answer.startswith("<|channel|>final<|message|>Yes: 21 degrees")
