@@ -254,8 +254,7 @@ class ChatTokenizer:
                 else:
                     context_left = borders[i - 1]
                     combined = self._add(pieces, text[context_left:right], context_left > 0)
-                    alone = self._add(pieces, text[left:right], True)
-                    segments.append(("reply", left, right, (combined, alone)))
+                    segments.append(("reply", left, right, (combined, text[left:right])))
             plans.append((segments, message_ends, _rounds(messages)))
         encoded = self._encode(pieces)
         return [self._assemble(segments, encoded, message_ends, rounds) for segments, message_ends, rounds in plans]
@@ -303,7 +302,7 @@ class ChatTokenizer:
                     piece_ids = combined_ids[len(context_ids):]
                     piece_starts = [context_left + s for s in combined_starts[len(context_ids):]]
                 else:  # a token of the whole text would straddle the border: split it there, as generation does
-                    piece_ids, piece_starts = self._tokens(encoded, entry[1])
+                    piece_ids, piece_starts = self._tokens(self._encode([self._anchor + entry[1]]), (0, len(self._anchor)))
                     piece_starts = [left + s for s in piece_starts]
             ids.extend(piece_ids)
             mask.extend([int(kind == "reply")] * len(piece_ids))

@@ -259,3 +259,35 @@ def test_gpt_oss_tool_call_trains_its_channel_header():
     call, answer = _corpus_masks("gpt_oss", record.messages, record.tools)
     assert call == ' to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>'
     assert answer.startswith("<|channel|>final<|message|>Yes: 21 degrees")
+
+
+def test_a_token_that_would_straddle_the_start_of_a_reply_is_split_there():
+    """With no pre-tokeniser, BPE merges across the prompt/reply border ('\\n' + '\\n...'); the mask still
+    starts exactly at the reply, and the prompt keeps the tokens it has at generation time."""
+    from tiny_model import CHATML_TEMPLATE, SPECIAL_TOKENS, corpus_lines
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    lines = [f"assistant\n\n{line}\n\n" for line in corpus_lines(300)]
+    backend.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=1500, special_tokens=SPECIAL_TOKENS,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                           show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>")
+    tokenizer.chat_template = CHATML_TEMPLATE
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\n\nhow are you"},
+                {"role": "user", "content": "ok"}, {"role": "assistant", "content": "fine"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    whole = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    border = text.index("\n\nhow")
+    assert any(a < border < b for a, b in whole["offset_mapping"]), "the probe needs a straddling token"
+    chat = ChatTokenizer(tokenizer)
+    result = chat(messages)
+    assert span_texts(tokenizer, result.input_ids, result.assistant_spans()) == expected_reply_texts(
+        tokenizer, messages, ["<|im_end|>"])
+    start = result.assistant_spans()[0][0]
+    prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert result.input_ids[:start] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(result.input_ids) == text
