@@ -136,6 +136,7 @@ class ChatTokenizer:
                 "of a turn cannot be found; give the tokenizer an eos_token that ends an assistant turn"
             )
         self._stop_pattern = re.compile("|".join(re.escape(s) for s in sorted(self.stop_tokens, key=len, reverse=True)))
+        self._special_pattern = re.compile("|".join(re.escape(s) for s in self.special_tokens))
         # Text after a special token is tokenised with one in front, so the tokenizer treats the
         # border as it does inside the whole text (SentencePiece adds no word-start marker there
         # unless it does so after every special token).
@@ -195,8 +196,7 @@ class ChatTokenizer:
             )
         after = found[1] + len(found[0]) if found else start
         stop = self._stop_pattern.search(text, after)
-        limit = self._next_content_start(messages, k, text, after)
-        if stop is None or stop.start() >= limit:
+        if stop is None or self._later_content_before(messages, k, text[after:stop.start()]):
             raise TemplateError(
                 f"assistant turn {k} is not followed by a stop token ({', '.join(self.stop_tokens)}) before the next "
                 "message, so a model trained on it would not learn where to stop; pass the model's generation "
@@ -212,14 +212,14 @@ class ChatTokenizer:
         content_end = text.rfind(found[0], start, stop.start()) + len(found[0]) if found else start
         return start, content_end, stop.end()
 
-    @staticmethod
-    def _next_content_start(messages: Sequence[Message], k: int, text: str, after: int) -> int:
-        for message in messages[k + 1:]:
-            content = _text_of(message).strip()
-            if content:
-                position = text.find(content, after)
-                return position if position >= 0 else len(text)
-        return len(text)
+    def _later_content_before(self, messages: Sequence[Message], k: int, gap: str) -> bool:
+        """Whether the next message's content lies between reply k and the stop token found for it.
+
+        Special tokens are taken out of the gap first, so a user turn such as ">" does not match
+        inside `<|END_RESPONSE|>`.
+        """
+        later = next((_text_of(m).strip() for m in messages[k + 1:] if _text_of(m).strip()), "")
+        return bool(later) and later in self._special_pattern.sub("", gap)
 
     @staticmethod
     def _content_end(message: Message, text: str, floor: int) -> int:

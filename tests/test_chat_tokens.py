@@ -291,3 +291,12 @@ def test_a_token_that_would_straddle_the_start_of_a_reply_is_split_there():
     prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
     assert result.input_ids[:start] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(result.input_ids) == text
+
+
+@pytest.mark.parametrize("next_user", [">", "END", "RESPONSE|"])
+def test_a_user_turn_that_reads_like_template_text_does_not_hide_the_stop_token(next_user):
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Hi there."},
+                {"role": "user", "content": next_user}, {"role": "assistant", "content": "See you."}]
+    masks = _corpus_masks("command_a", messages)
+    assert masks == ["<|START_RESPONSE|>Hi there.<|END_RESPONSE|><|END_OF_TURN_TOKEN|>",
+                     "<|START_RESPONSE|>See you.<|END_RESPONSE|><|END_OF_TURN_TOKEN|>"]
