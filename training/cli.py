@@ -71,13 +71,13 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     forbidden: list[str] = []
     row_check = None
     if args.model:
-        from dialogrl.data.chat_tokens import ChatTokenizer, TemplateError, generation_stop_tokens
-        from dialogrl.training.models import ModelConfig, load_generation_config, load_tokenizer
+        from dialogrl.data.chat_tokens import ChatTokenizer, TemplateError
+        from dialogrl.training.models import ModelConfig, load_tokenizer, stop_tokens
 
         model = ModelConfig(name_or_path=args.model)
         try:
             tokenizer = load_tokenizer(model)
-            chat = ChatTokenizer(tokenizer, generation_stop_tokens(tokenizer, load_generation_config(model)))
+            chat = ChatTokenizer(tokenizer, stop_tokens(model, tokenizer))
         except TemplateError as err:
             raise UserError(f"{args.model}: {err}") from None
         forbidden = chat.special_tokens

@@ -41,6 +41,11 @@ class ModelConfig:
     trust_remote_code: bool = option(
         False, help="Run modelling code shipped with a hub checkpoint. Off unless you trust the repository."
     )
+    stop_tokens: list[str] = option(
+        default_factory=list, help="Special tokens that also end an assistant turn, beyond the tokenizer's eos and "
+        "the eos_token_id list of generation_config.json (e.g. Phi-3's <|end|> for a checkpoint without one). "
+        "Training masks end there and generation stops there; trained checkpoints keep them in their generation config."
+    )
 
 
 @dataclass(frozen=True)
@@ -125,7 +130,27 @@ def load_tokenizer(config: ModelConfig, resolved: ResolvedModel | None = None):
             f"{resolved.reference} has no chat template; dialogrl formats every dialogue with the model's own template. "
             "Use an instruct/chat checkpoint, or add a chat_template to its tokenizer_config.json."
         )
+    unknown = [t for t in config.stop_tokens if t not in _special_tokens(tokenizer)]
+    if unknown:
+        raise ModelResolutionError(
+            f"model.stop_tokens {unknown} are not special tokens of {resolved.reference}'s tokenizer; list only tokens "
+            "the tokenizer keeps whole (see its added_tokens_decoder)"
+        )
     return tokenizer
+
+
+def _special_tokens(tokenizer) -> set[str]:
+    from dialogrl.data.chat_tokens import special_token_strings
+
+    return set(special_token_strings(tokenizer))
+
+
+def stop_tokens(config: ModelConfig, tokenizer, resolved: ResolvedModel | None = None) -> list[str]:
+    """What ends an assistant turn: eos, the generation config's eos ids, then the recipe's `model.stop_tokens`."""
+    from dialogrl.data.chat_tokens import generation_stop_tokens
+
+    found = generation_stop_tokens(tokenizer, load_generation_config(config, resolved))
+    return list(dict.fromkeys(found + list(config.stop_tokens)))
 
 
 def load_generation_config(config: ModelConfig, resolved: ResolvedModel | None = None):
@@ -140,7 +165,15 @@ def load_generation_config(config: ModelConfig, resolved: ResolvedModel | None =
 
 
 def load_causal_lm(config: ModelConfig, resolved: ResolvedModel | None = None):
-    return _from_pretrained("AutoModelForCausalLM", config, resolved)
+    model = _from_pretrained("AutoModelForCausalLM", config, resolved)
+    if config.stop_tokens and getattr(model, "generation_config", None) is not None:
+        # Every generate call (evaluation, rollouts, chat) reads the stop ids from here.
+        tokenizer = load_tokenizer(config, resolved)
+        ids = model.generation_config.eos_token_id
+        ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
+        model.generation_config.eos_token_id = list(dict.fromkeys(
+            ids + [tokenizer.convert_tokens_to_ids(t) for t in config.stop_tokens]))
+    return model
 
 
 def load_scorer(config: ModelConfig, resolved: ResolvedModel | None = None):

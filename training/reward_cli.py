@@ -9,23 +9,17 @@ from pathlib import Path
 
 def score_file(model_dir: str, source: str, *, split: str = "train", turns: str = "all", output: str | None = None,
                batch_size: int = 8) -> int:
-    from dialogrl.data.chat_tokens import ChatTokenizer, generation_stop_tokens
+    from dialogrl.data.chat_tokens import ChatTokenizer
     from dialogrl.data.records import Conversation
     from dialogrl.data.sources import DataError, load_records
     from dialogrl.training.cli import UserError
-    from dialogrl.training.models import (
-        ModelConfig,
-        load_generation_config,
-        load_scorer,
-        load_tokenizer,
-        resolve_model,
-    )
+    from dialogrl.training.models import ModelConfig, load_scorer, load_tokenizer, resolve_model, stop_tokens
     from dialogrl.training.reward_scoring import score_conversations
 
     resolved = resolve_model(model_dir)
     model_config = ModelConfig(name_or_path=model_dir)
     tokenizer = load_tokenizer(model_config, resolved)
-    chat = ChatTokenizer(tokenizer, generation_stop_tokens(tokenizer, load_generation_config(model_config, resolved)))
+    chat = ChatTokenizer(tokenizer, stop_tokens(model_config, tokenizer, resolved))
     try:
         records, report = load_records(source, split=split, on_invalid="skip", forbidden_substrings=chat.special_tokens)
     except DataError as err:

@@ -14,13 +14,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from dialogrl.data.chat_tokens import ChatTokenizer, generation_stop_tokens
+from dialogrl.data.chat_tokens import ChatTokenizer
 from dialogrl.training.models import (
     ModelConfig,
     ResolvedModel,
-    load_generation_config,
     load_tokenizer,
     resolve_model,
+    stop_tokens,
 )
 from dialogrl.training.run_lifecycle import (
     TRAINER_STATE_FILENAME,
@@ -71,8 +71,7 @@ def load_training_tokenizer(model: ModelConfig) -> tuple[Any, ChatTokenizer, Res
     tokenizer = load_tokenizer(model, resolved)
     added = ensure_distinct_pad(tokenizer)
     tokenizer.padding_side = "right"
-    stops = generation_stop_tokens(tokenizer, load_generation_config(model, resolved))
-    return tokenizer, ChatTokenizer(tokenizer, stop_tokens=stops), resolved, added
+    return tokenizer, ChatTokenizer(tokenizer, stop_tokens=stop_tokens(model, tokenizer, resolved)), resolved, added
 
 
 def fit_to_tokenizer(model, tokenizer, added_pad: bool):
