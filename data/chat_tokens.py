@@ -199,8 +199,8 @@ class ChatTokenizer:
         if stop is None or self._later_content_before(messages, k, text[after:stop.start()]):
             raise TemplateError(
                 f"assistant turn {k} is not followed by a stop token ({', '.join(self.stop_tokens)}) before the next "
-                "message, so a model trained on it would not learn where to stop; pass the model's generation "
-                "config (its eos_token_id lists the end-of-turn tokens) or a tokenizer whose eos_token ends a turn"
+                "message, so a model trained on it would not learn where to stop; name the token that ends a turn "
+                "in the recipe (model.stop_tokens) or in the model's generation_config.json (eos_token_id)"
             )
         missing = [call["function"]["name"] for call in messages[k].get("tool_calls") or []
                    if call["function"]["name"] not in text[start:stop.start()]]
