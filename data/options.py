@@ -12,8 +12,13 @@ import dataclasses
 from typing import Any
 
 
-def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with mandatory, non-empty help text (stored in the field's metadata)."""
+def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
+           minimum: float | None = None) -> Any:
+    """A dataclass field with mandatory, non-empty help text (stored in the field's metadata).
+
+    `minimum`: the smallest value a recipe may set (the recipe loader refuses less, naming the key).
+    """
     if not help.strip():
         raise ValueError("every recipe field needs help text")
-    return dataclasses.field(default=default, default_factory=default_factory, metadata={"help": help})
+    metadata = {"help": help} | ({"minimum": minimum} if minimum is not None else {})
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)

@@ -85,8 +85,15 @@ def iter_rows(source: str, *, split: str = "train") -> Iterator[tuple[int, Any]]
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    # Read as bytes, so one line that is not UTF-8 is a bad row, not an exception for the whole file.
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield number, RowError([("line", f"is not valid UTF-8 (byte 0x{raw[err.start]:02x} at column "
+                                                 f"{err.start + 1}); re-encode the file as UTF-8")])
+                continue
             if not line.strip():
                 continue
             try:
@@ -100,6 +107,8 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not valid UTF-8 (byte {err.start}); re-encode the file as UTF-8") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -115,7 +124,11 @@ def _dataset_rows(dataset) -> Iterator[tuple[int, Any]]:
 def _load_parquet(path: Path):
     from datasets import Dataset
 
-    return Dataset.from_parquet(str(path))
+    try:
+        return Dataset.from_parquet(str(path))
+    except Exception as err:  # pyarrow raises ArrowInvalid, OSError... for a file that is not Parquet
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"{path}: not a readable Parquet file ({reason})") from None
 
 
 def _load_from_disk(path: Path, split: str):

@@ -58,8 +58,8 @@ class EvalConfig:
     split_softmax: SplitSoftmaxOptions = option(
         default_factory=SplitSoftmaxOptions, help="Settings of the split_softmax intervention."
     )
-    batch_size: int = option(16, help="Dialogues played together (one KV cache); memory grows with it.")
-    bootstrap_samples: int = option(1000, help="Bootstrap resamples for confidence intervals.")
+    batch_size: int = option(16, minimum=1, help="Dialogues played together (one KV cache); memory grows with it.")
+    bootstrap_samples: int = option(1000, minimum=1, help="Bootstrap resamples for confidence intervals.")
 
 
 def dialogue_specs(scenarios: list[Scenario], intervention: str, simulated_user=None) -> list[DialogueSpec]:

@@ -10,7 +10,7 @@ from dialogrl.data.options import option
 
 @dataclass
 class SamplingConfig:
-    max_new_tokens: int = option(128, help="Longest reply, in tokens; a reply cut here has no end-of-turn token.")
+    max_new_tokens: int = option(128, minimum=1, help="Longest reply, in tokens; a reply cut here has no end-of-turn token.")
     temperature: float = option(0.0, help="0 decodes greedily (deterministic); above 0 samples at this temperature.")
     top_p: float = option(1.0, help="Nucleus sampling mass (1.0 = off); used only when temperature > 0.")
     top_k: int = option(0, help="Keep only the k most likely tokens (0 = off); used only when temperature > 0.")

@@ -163,3 +163,23 @@ def test_data_check_with_model_reports_over_long_rows(tiny_model_dir, tmp_path):
     assert result.returncode == 1
     assert "row 2: messages: is" in result.stdout and "over max_length 128" in result.stdout
     assert "row 1:" not in result.stdout
+
+
+def test_a_line_that_is_not_utf8_is_a_bad_row_naming_its_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    good = json.dumps({"messages": [U("hi"), A("hello")]}).encode()
+    path.write_bytes(good + b"\n" + b'{"messages": "caf\xe9"}\n' + good + b"\n")
+    records, report = load_records(str(path), on_invalid="skip")
+    assert len(records) == 2 and report.rejected_rows == 1
+    assert "row 2: line: is not valid UTF-8 (byte 0xe9" in str(report.problems[0])
+    json_path = tmp_path / "rows.json"
+    json_path.write_bytes(b'[{"messages": "caf\xe9"}]')
+    with pytest.raises(DataError, match=f"{json_path}: not valid UTF-8"):
+        load_records(str(json_path))
+
+
+def test_a_parquet_file_that_is_really_csv_names_the_path(tmp_path):
+    path = tmp_path / "rows.parquet"
+    path.write_text("messages,reply\nhi,hello\n")
+    with pytest.raises(DataError, match=f"{path}: not a readable Parquet file"):
+        load_records(str(path))

@@ -260,6 +260,9 @@ def _build(cls: type[T], data: Mapping[str, Any], *, source: str, prefix: str, r
         key = prefix + name
         if name in data:
             kwargs[name] = _coerce(data[name], hints[name], source=source, key=key, root=root)
+            minimum = f.metadata.get("minimum")
+            if minimum is not None and kwargs[name] is not None and kwargs[name] < minimum:
+                raise RecipeError(f"{source}: '{key}' must be >= {minimum}, got {kwargs[name]}: {f.metadata['help']}")
         elif _dataclass_in(hints[name]) is not None and f.default is dataclasses.MISSING:
             # A section left out entirely takes its defaults.
             nested = _dataclass_in(hints[name])

@@ -165,6 +165,13 @@ def load_generation_config(config: ModelConfig, resolved: ResolvedModel | None =
 
 
 def load_causal_lm(config: ModelConfig, resolved: ResolvedModel | None = None):
+    resolved = resolved or resolve_model(config.name_or_path, revision=config.revision)
+    if _is_sequence_classifier(config, resolved):
+        raise ModelResolutionError(
+            f"{resolved.reference} is a sequence classifier (a reward model or critic), not a language model: "
+            "loaded as one it would generate from a randomly initialised head. Give the policy checkpoint here; "
+            "a reward model belongs in reward.model (ppo) or `dialogrl reward score`."
+        )
     model = _from_pretrained("AutoModelForCausalLM", config, resolved)
     if config.stop_tokens and getattr(model, "generation_config", None) is not None:
         # Every generate call (evaluation, rollouts, chat) reads the stop ids from here.
@@ -176,9 +183,32 @@ def load_causal_lm(config: ModelConfig, resolved: ResolvedModel | None = None):
     return model
 
 
-def load_scorer(config: ModelConfig, resolved: ResolvedModel | None = None):
-    """A sequence classifier with one output (reward model, critic); from a causal LM the head starts fresh."""
+def load_scorer(config: ModelConfig, resolved: ResolvedModel | None = None, *, trained_head: bool = False):
+    """A sequence classifier with one output (reward model, critic); from a causal LM the head starts fresh.
+
+    `trained_head`: the scores are used as they are (a reward model scoring), so a checkpoint
+    without a trained score head (a causal LM) is refused instead of scoring with random weights.
+    """
+    resolved = resolved or resolve_model(config.name_or_path, revision=config.revision)
+    if trained_head and not _is_sequence_classifier(config, resolved):
+        raise ModelResolutionError(
+            f"{resolved.reference} is not a reward model (its architectures are {_architectures(config, resolved)}): "
+            "scoring with it would use a randomly initialised score head. Train one with `dialogrl reward` and "
+            "give its output directory."
+        )
     return _from_pretrained("AutoModelForSequenceClassification", config, resolved, num_labels=1)
+
+
+def _architectures(config: ModelConfig, resolved: ResolvedModel) -> list[str]:
+    from transformers import AutoConfig
+
+    loaded = AutoConfig.from_pretrained(resolved.location, revision=_revision(config, resolved),
+                                        trust_remote_code=config.trust_remote_code)
+    return list(getattr(loaded, "architectures", None) or [])
+
+
+def _is_sequence_classifier(config: ModelConfig, resolved: ResolvedModel) -> bool:
+    return any(name.endswith("ForSequenceClassification") for name in _architectures(config, resolved))
 
 
 def _from_pretrained(auto_class: str, config: ModelConfig, resolved: ResolvedModel | None, **extra):
@@ -193,8 +223,31 @@ def _from_pretrained(auto_class: str, config: ModelConfig, resolved: ResolvedMod
     kwargs = {"dtype": _torch_dtype(config.dtype), "trust_remote_code": config.trust_remote_code, **extra}
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
-    return getattr(transformers, auto_class).from_pretrained(
-        resolved.location, revision=_revision(config, resolved), **kwargs)
+    try:
+        return getattr(transformers, auto_class).from_pretrained(
+            resolved.location, revision=_revision(config, resolved), **kwargs)
+    except Exception as err:  # safetensors' SafetensorError derives from Exception only
+        if not _damaged_files(err):
+            raise
+        raise ModelResolutionError(f"{resolved.reference}: {_load_failure(resolved, err)}") from None
+
+
+def _damaged_files(err: Exception) -> bool:
+    """A missing, truncated or unreadable weights file (not, say, out of memory)."""
+    if isinstance(err, OSError) or type(err).__name__ == "SafetensorError":
+        return True
+    return any(s in str(err) for s in ("deserializ", "safetensors", "no file named", "header"))
+
+
+def _load_failure(resolved: ResolvedModel, err: Exception) -> str:
+    """Why weights did not load, with the files involved, for a one-line error."""
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    where = Path(resolved.location)
+    weights = sorted(p.name for p in where.glob("*.safetensors")) if where.is_dir() else []
+    if not where.is_dir():
+        return f"could not load the model: {reason}"
+    return (f"could not load the model: {reason} (weights in {where}: {', '.join(weights) or 'none'}). A checkpoint "
+            "written by a run that was killed or ran out of disk is incomplete: retrain it, or fetch it again.")
 
 
 def _revision(config: ModelConfig, resolved: ResolvedModel) -> str | None:

@@ -93,7 +93,7 @@ def load_models(recipe: PPORecipe):
     if recipe.reward.model and recipe.reward.rm_weight:
         # The reward model reads the dialogue with its own tokenizer and template: it may differ from the policy's.
         reward_tokenizer, reward_chat, rm_resolved, rm_added = load_training_tokenizer(scorer_config(recipe.reward.model))
-        reward_model = fit_to_tokenizer(load_scorer(scorer_config(recipe.reward.model), rm_resolved),
+        reward_model = fit_to_tokenizer(load_scorer(scorer_config(recipe.reward.model), rm_resolved, trained_head=True),
                                         reward_tokenizer, rm_added).eval().requires_grad_(False)
     critic = None
     if recipe.ppo.uses_critic:

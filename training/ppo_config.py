@@ -91,20 +91,20 @@ class PPOOptions:
         "under the group modes, where a reward-side KL would decide every group whose scores tie, and "
         "scale_by_group_std would blow those tiny KL differences up to unit advantages."
     )
-    updates: int = option(20, help="PPO iterations: each plays a batch of episodes, then trains on it.")
+    updates: int = option(20, minimum=1, help="PPO iterations: each plays a batch of episodes, then trains on it.")
     episodes_per_update: int = option(
-        8, help="Episodes each process plays per update. Group modes: episodes_per_update / group_size scenarios, "
+        8, minimum=1, help="Episodes each process plays per update. Group modes: episodes_per_update / group_size scenarios, "
         "each played group_size times (episode_group) or branching group_size ways at every round (turn_group), "
         "so every mode generates episodes_per_update x rounds replies per update."
     )
     generation_batch_size: int = option(
-        8, help="Dialogues played together by the rollout engine (one KV cache); turn_group counts each sibling."
+        8, minimum=1, help="Dialogues played together by the rollout engine (one KV cache); turn_group counts each sibling."
     )
     minibatch_episodes: int = option(
-        4, help="Episodes per gradient step (per process); turn_group trains on its replies in "
+        4, minimum=1, help="Episodes per gradient step (per process); turn_group trains on its replies in "
         "episodes_per_update / minibatch_episodes minibatches too."
     )
-    epochs: int = option(2, help="Passes over each rollout batch, in reshuffled minibatches.")
+    epochs: int = option(2, minimum=1, help="Passes over each rollout batch, in reshuffled minibatches.")
     learning_rate: float = option(1e-5, help="Policy learning rate.")
     critic_learning_rate: float = option(5e-5, help="Critic learning rate (its own parameter group).")
     critic_warmup_updates: int = option(0, help="First updates that train the critic only (policy frozen).")
@@ -124,8 +124,8 @@ class PPOOptions:
         True, help="When an episode stops at the round limit (the dialogue could go on), bootstrap from the "
         "critic's value instead of 0."
     )
-    save_every: int = option(5, help="Write a resumable checkpoint every this many updates.")
-    save_total_limit: int = option(2, help="Resumable checkpoints kept (the newest).")
+    save_every: int = option(5, minimum=1, help="Write a resumable checkpoint every this many updates.")
+    save_total_limit: int = option(2, minimum=1, help="Resumable checkpoints kept (the newest).")
     seed: int = option(0, help="Seed for minibatch shuffling and weight init.")
 
     @property

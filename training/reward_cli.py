@@ -32,7 +32,7 @@ def score_file(model_dir: str, source: str, *, split: str = "train", turns: str 
             skipped.append(f"{source}: row {record.meta.get('source_row')}: {kind}; nothing to score")
             continue
         conversations.append(record)
-    model = load_scorer(ModelConfig(name_or_path=model_dir), resolved).eval()
+    model = load_scorer(ModelConfig(name_or_path=model_dir), resolved, trained_head=True).eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores = score_conversations(model, chat, [r.messages for r in conversations], pad_id=pad_id,
                                  batch_size=batch_size)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from dialogrl.training import output_lock
 from dialogrl.training.config import dump_recipe, save_recipe
 from dialogrl.training.models import ModelConfig
 from dialogrl.training.stage_config import LoraOptions
@@ -59,6 +60,11 @@ def is_main_process() -> bool:
 def start_run(recipe: RunRecipe, stage: str, state_file: str = TRAINER_STATE_FILENAME) -> Run:
     """Check the output directory against `resume`, save config.yaml, set up tracking."""
     output_dir = Path(recipe.output_dir)
+    if is_main_process():
+        try:
+            output_lock.acquire(output_dir)
+        except output_lock.OutputDirInUse as err:
+            raise StageError(str(err)) from None
     resume_from = find_resume_checkpoint(output_dir, recipe.resume, state_file)
     if is_main_process():
         save_recipe(recipe, output_dir)
@@ -181,6 +187,7 @@ def write_run_outputs(run: Run, summary: dict[str, Any], *, model, tokenizer, de
         summary["merged_dir"] = str(merged_dir)
     (run.output_dir / CARD_FILENAME).write_text(model_card(run, summary, description, data_section, extra_card))
     (run.output_dir / SUMMARY_FILENAME).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    output_lock.release(run.output_dir)
 
 
 def model_card(run: Run, summary: dict[str, Any], description: str, data_section: str, extra: str = "") -> str:

@@ -37,7 +37,7 @@ class TrainData:
         "from the same dialogue stay on the same side."
     )
     max_length: int = option(
-        1024, help="Longest row in tokens. Longer rows are not cut: they are counted, reported and written to "
+        1024, minimum=1, help="Longest row in tokens. Longer rows are not cut: they are counted, reported and written to "
         "rejects.jsonl in the output directory."
     )
     on_invalid: Literal["error", "skip"] = option(
@@ -60,8 +60,8 @@ def preference_data() -> TrainData:
 @dataclass
 class LoraOptions:
     enabled: bool = option(False, help="Train LoRA adapters (PEFT) instead of every weight.")
-    r: int = option(16, help="LoRA rank.")
-    alpha: int = option(32, help="LoRA alpha (scaling = alpha / r).")
+    r: int = option(16, minimum=1, help="LoRA rank.")
+    alpha: int = option(32, minimum=1, help="LoRA alpha (scaling = alpha / r).")
     dropout: float = option(0.05, help="Dropout on the LoRA branch.")
     target_modules: list[str] = option(
         default_factory=lambda: ["all-linear"], help="Modules to adapt: names (q_proj, v_proj, ...) or all-linear."
@@ -76,8 +76,8 @@ class Optimisation:
     learning_rate: float = option(1e-5, help="Peak learning rate.")
     epochs: float = option(1.0, help="Passes over the training rows (ignored when max_steps > 0).")
     max_steps: int = option(-1, help="Optimizer steps to run; -1 derives them from epochs.")
-    per_device_batch_size: int = option(4, help="Rows (or pairs) per process per micro-batch.")
-    gradient_accumulation_steps: int = option(1, help="Micro-batches per optimizer step.")
+    per_device_batch_size: int = option(4, minimum=1, help="Rows (or pairs) per process per micro-batch.")
+    gradient_accumulation_steps: int = option(1, minimum=1, help="Micro-batches per optimizer step.")
     warmup: float = option(0.03, help="Warm-up: a fraction of the steps when < 1, else a number of steps.")
     lr_scheduler: str = option("cosine", help="transformers scheduler name: linear, cosine, constant_with_warmup, ...")
     weight_decay: float = option(0.0, help="AdamW weight decay.")
@@ -86,9 +86,9 @@ class Optimisation:
         "auto", help="Mixed precision: auto = bfloat16 on a GPU that supports it, float32 on CPU."
     )
     gradient_checkpointing: bool = option(False, help="Recompute activations in the backward pass to save memory.")
-    logging_steps: int = option(5, help="Log the training metrics every this many steps.")
-    save_steps: int = option(50, help="Write a resumable checkpoint every this many steps.")
-    save_total_limit: int = option(2, help="Resumable checkpoints kept on disk (the newest ones).")
+    logging_steps: int = option(5, minimum=1, help="Log the training metrics every this many steps.")
+    save_steps: int = option(50, minimum=1, help="Write a resumable checkpoint every this many steps.")
+    save_total_limit: int = option(2, minimum=1, help="Resumable checkpoints kept on disk (the newest ones).")
     eval_steps: int | None = option(None, help="Evaluate on the held-out rows every this many steps; null: at the end only.")
     seed: int = option(0, help="Seed for weights init, shuffling and dropout.")
     trainer_args: dict[str, Any] = option(
