@@ -23,3 +23,11 @@ def test_a_count_below_its_minimum_is_refused_naming_the_key(stage, override, ke
 def test_the_smallest_allowed_value_loads():
     recipe = load_recipe(None, ["ppo.updates=1", "ppo.epochs=1", "reward.rule_weight=1"], expected=recipe_kinds()["ppo"])
     assert recipe.ppo.updates == 1 and recipe.ppo.epochs == 1
+
+
+def test_recipe_keys_show_the_minimum():
+    from dialogrl.training.config import describe_recipe
+
+    rows = {key: text for key, _type, _default, text in describe_recipe(recipe_kinds()["ppo"])}
+    assert rows["ppo.updates"].endswith("(at least 1)")
+    assert "(at least" not in rows["ppo.learning_rate"]

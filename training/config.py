@@ -191,7 +191,9 @@ def describe_recipe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, st
             default = f.default_factory()
         else:
             default = "(required)"
-        rows.append((key, _type_name(hint), default, f.metadata.get("help", "")))
+        minimum = f.metadata.get("minimum")
+        help_text = f.metadata.get("help", "") + (f" (at least {minimum})" if minimum is not None else "")
+        rows.append((key, _type_name(hint), default, help_text))
     return rows
 
 
