@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +25,9 @@ from dialogrl.data import builders
 from dialogrl.data import constraints as catalogue
 from dialogrl.data.corpora import CORPORA, load_chitchat
 from dialogrl.data.options import option
+
+MANIFEST_FILENAME = "manifest.json"  # written last: a directory with it holds a complete build
+STAGING_DIRNAME = ".building"
 
 
 @dataclass
@@ -203,11 +208,14 @@ def build_all(config: DataBuildConfig, *, tokenizer=None, reply_fn: ReplyFn | No
 
     builders.assert_training_safe(sft_rows, "sft")
     builders.assert_training_safe(pref_rows, "preferences")
-    _save(sft_rows, output_dir, "sft", ("messages", "meta"))
-    _save(pref_rows, output_dir, "preferences", ("prompt", "chosen", "rejected", "meta"))
+    staging = output_dir / STAGING_DIRNAME
+    shutil.rmtree(staging, ignore_errors=True)  # a killed build's leftovers
+    staging.mkdir()
+    _save(sft_rows, staging, "sft", ("messages", "meta"))
+    _save(pref_rows, staging, "preferences", ("prompt", "chosen", "rejected", "meta"))
     if config.edits:
-        _save(edit_rows, output_dir, "edits", ("prompt", "chosen", "rejected", "meta"))
-    with (output_dir / "rejects.jsonl").open("w", encoding="utf-8") as handle:
+        _save(edit_rows, staging, "edits", ("prompt", "chosen", "rejected", "meta"))
+    with (staging / "rejects.jsonl").open("w", encoding="utf-8") as handle:
         for reject in rejects:
             handle.write(json.dumps(reject, ensure_ascii=False, default=str) + "\n")
 
@@ -226,5 +234,22 @@ def build_all(config: DataBuildConfig, *, tokenizer=None, reply_fn: ReplyFn | No
         "rejects": len(rejects),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (output_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (staging / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    publish(staging, output_dir)
     return manifest
+
+
+def publish(staging: Path, output_dir: Path) -> None:
+    """Move a finished build from `staging` into `output_dir`, the manifest last.
+
+    The old manifest goes first: a build killed while its files are being swapped leaves no
+    manifest, so the half-old, half-new set is never taken for a complete one. Until then (a
+    build killed while writing to `staging`) the previous complete set stays as it was.
+    """
+    (output_dir / MANIFEST_FILENAME).unlink(missing_ok=True)
+    for item in sorted(staging.iterdir(), key=lambda p: p.name == MANIFEST_FILENAME):
+        target = output_dir / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    staging.rmdir()

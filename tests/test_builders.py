@@ -170,3 +170,53 @@ def test_manifest_counts_match_the_rows_written(tmp_path, tiny_model_dir):
     sft = [json.loads(line) for line in (tmp_path / "out" / "sft.jsonl").read_text().splitlines()]
     types = Counter(c["type_name"] for row in sft for c in row["meta"]["constraints"])
     assert {k: v for k, v in manifest["sft"]["constraint_types"].items() if v} == dict(types)
+
+
+def _small_build(out, seed=0):
+    return DataBuildConfig(output_dir=str(out), max_length=None, seed=seed,
+                           sft=builders.SFTSetConfig(conversations=6), preferences=builders.PreferenceSetConfig(pairs=12))
+
+
+def test_a_rebuild_killed_while_writing_leaves_the_previous_build_whole(tmp_path, monkeypatch):
+    from dialogrl.data import build
+
+    out = tmp_path / "out"
+    first = build_all(_small_build(out), log=lambda _m: None)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real_save = build._save
+
+    def crash_on_preferences(rows, directory, name, columns):
+        if name == "preferences":
+            raise KeyboardInterrupt("killed")
+        real_save(rows, directory, name, columns)
+
+    monkeypatch.setattr(build, "_save", crash_on_preferences)
+    with pytest.raises(KeyboardInterrupt):
+        build_all(_small_build(out, seed=1), log=lambda _m: None)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()
+             if build.STAGING_DIRNAME not in p.parts}
+    assert after == before and json.loads((out / "manifest.json").read_text()) == first
+
+
+def test_a_rebuild_killed_while_swapping_files_leaves_no_manifest(tmp_path, monkeypatch):
+    from dialogrl.data import build
+
+    out = tmp_path / "out"
+    build_all(_small_build(out), log=lambda _m: None)
+    moved = []
+    real_replace = build.os.replace
+
+    def crash_after_one_move(source, target):
+        if moved:
+            raise KeyboardInterrupt("killed")
+        moved.append(target)
+        real_replace(source, target)
+
+    monkeypatch.setattr(build.os, "replace", crash_after_one_move)
+    with pytest.raises(KeyboardInterrupt):
+        build_all(_small_build(out, seed=1), log=lambda _m: None)
+    monkeypatch.undo()
+    assert not (out / "manifest.json").exists()  # half old, half new: never taken for complete
+    rebuilt = build_all(_small_build(out, seed=1), log=lambda _m: None)
+    assert json.loads((out / "manifest.json").read_text()) == rebuilt
+    assert not (out / build.STAGING_DIRNAME).exists()
