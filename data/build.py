@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,11 +21,11 @@ from typing import Any, Literal
 
 from dialogrl.data import builders
 from dialogrl.data import constraints as catalogue
+from dialogrl.data.atomic_outputs import publish, staging_dir
 from dialogrl.data.corpora import CORPORA, load_chitchat
 from dialogrl.data.options import option
 
-MANIFEST_FILENAME = "manifest.json"  # written last: a directory with it holds a complete build
-STAGING_DIRNAME = ".building"
+MANIFEST_FILENAME = "manifest.json"  # published last: a directory with it holds a complete build
 
 
 @dataclass
@@ -208,9 +206,7 @@ def build_all(config: DataBuildConfig, *, tokenizer=None, reply_fn: ReplyFn | No
 
     builders.assert_training_safe(sft_rows, "sft")
     builders.assert_training_safe(pref_rows, "preferences")
-    staging = output_dir / STAGING_DIRNAME
-    shutil.rmtree(staging, ignore_errors=True)  # a killed build's leftovers
-    staging.mkdir()
+    staging = staging_dir(output_dir)
     _save(sft_rows, staging, "sft", ("messages", "meta"))
     _save(pref_rows, staging, "preferences", ("prompt", "chosen", "rejected", "meta"))
     if config.edits:
@@ -235,21 +231,5 @@ def build_all(config: DataBuildConfig, *, tokenizer=None, reply_fn: ReplyFn | No
         "seconds": round(time.perf_counter() - started, 1),
     }
     (staging / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2) + "\n")
-    publish(staging, output_dir)
+    publish(staging, output_dir, MANIFEST_FILENAME)
     return manifest
-
-
-def publish(staging: Path, output_dir: Path) -> None:
-    """Move a finished build from `staging` into `output_dir`, the manifest last.
-
-    The old manifest goes first: a build killed while its files are being swapped leaves no
-    manifest, so the half-old, half-new set is never taken for a complete one. Until then (a
-    build killed while writing to `staging`) the previous complete set stays as it was.
-    """
-    (output_dir / MANIFEST_FILENAME).unlink(missing_ok=True)
-    for item in sorted(staging.iterdir(), key=lambda p: p.name == MANIFEST_FILENAME):
-        target = output_dir / item.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(item, target)
-    staging.rmdir()

@@ -23,10 +23,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from dialogrl.data.atomic_outputs import publish, staging_dir
 from dialogrl.evaluation.report_html import render_html
 
 # 2: the dialogue-aware gate (repeat, echo, responsiveness) decides `adherent`.
 SCHEMA_VERSION = 2
+REPORT_FILENAME = "report.json"  # published last: a directory with it holds a complete report set
 
 
 def versions() -> dict[str, str]:
@@ -238,15 +240,17 @@ def plot_survival(report: dict, path: Path) -> None:
 
 def write_outputs(report: dict, results: dict[str, dict[str, Any]], output_dir: str | Path,
                   speeds: dict[str, dict[str, float]] | None = None) -> Path:
+    """The report set, published whole: report.json (what reruns and the pipeline read) goes last."""
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    (output_dir / "report.md").write_text(markdown(report, speeds, results))
-    (output_dir / "report.html").write_text(render_html(report, results), encoding="utf-8")
-    plot_adherence(report, output_dir / "adherence.png")
-    plot_survival(report, output_dir / "survival.png")
-    with (output_dir / "dialogues.jsonl").open("w", encoding="utf-8") as handle:
+    staging = staging_dir(output_dir)
+    (staging / REPORT_FILENAME).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    (staging / "report.md").write_text(markdown(report, speeds, results))
+    (staging / "report.html").write_text(render_html(report, results), encoding="utf-8")
+    plot_adherence(report, staging / "adherence.png")
+    plot_survival(report, staging / "survival.png")
+    with (staging / "dialogues.jsonl").open("w", encoding="utf-8") as handle:
         for label, result in results.items():
             for record in result["records"]:
                 handle.write(json.dumps({"model": label, **record}, ensure_ascii=False) + "\n")
+    publish(staging, output_dir, REPORT_FILENAME)
     return output_dir

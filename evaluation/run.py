@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dialogrl.evaluation.evaluate import INTERVENTIONS, EvalConfig, evaluate_model
-from dialogrl.evaluation.report import build_report, write_outputs
+from dialogrl.evaluation.report import REPORT_FILENAME, build_report, write_outputs
 from dialogrl.evaluation.responsiveness import ResponsivenessConfig, ResponsivenessScorer, corpus_contexts
 from dialogrl.evaluation.scenarios import build_scenarios
 
@@ -53,6 +53,8 @@ def build_scorer(config: ResponsivenessConfig, load: Loader | None) -> Responsiv
 def run_eval(config: EvalConfig, candidates: list[Candidate], output_dir: str | Path, recipe: dict[str, Any],
              log=print, load_scorer: Loader | None = None) -> dict:
     """`load_scorer` loads the fixed responsiveness scorer (config.responsiveness.scorer), once for all candidates."""
+    # The caller has just written this run's config.yaml: an older report beside it would describe another run.
+    (Path(output_dir) / REPORT_FILENAME).unlink(missing_ok=True)
     scenarios = build_scenarios(config.scenarios)
     scorer = build_scorer(config.responsiveness, load_scorer)
     results, speeds = {}, {}

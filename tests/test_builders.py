@@ -7,9 +7,11 @@ import random
 from collections import Counter
 
 import pytest
+from faults import kill_after_first_move
 
 from dialogrl.data import builders
 from dialogrl.data import constraints as catalogue
+from dialogrl.data.atomic_outputs import STAGING_DIRNAME
 from dialogrl.data.build import CachedReplies, DataBuildConfig, build_all
 from dialogrl.data.corpora import load_chitchat
 
@@ -194,29 +196,18 @@ def test_a_rebuild_killed_while_writing_leaves_the_previous_build_whole(tmp_path
     with pytest.raises(KeyboardInterrupt):
         build_all(_small_build(out, seed=1), log=lambda _m: None)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()
-             if build.STAGING_DIRNAME not in p.parts}
+             if STAGING_DIRNAME not in p.parts}
     assert after == before and json.loads((out / "manifest.json").read_text()) == first
 
 
 def test_a_rebuild_killed_while_swapping_files_leaves_no_manifest(tmp_path, monkeypatch):
-    from dialogrl.data import build
-
     out = tmp_path / "out"
     build_all(_small_build(out), log=lambda _m: None)
-    moved = []
-    real_replace = build.os.replace
-
-    def crash_after_one_move(source, target):
-        if moved:
-            raise KeyboardInterrupt("killed")
-        moved.append(target)
-        real_replace(source, target)
-
-    monkeypatch.setattr(build.os, "replace", crash_after_one_move)
+    kill_after_first_move(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         build_all(_small_build(out, seed=1), log=lambda _m: None)
     monkeypatch.undo()
     assert not (out / "manifest.json").exists()  # half old, half new: never taken for complete
     rebuilt = build_all(_small_build(out, seed=1), log=lambda _m: None)
     assert json.loads((out / "manifest.json").read_text()) == rebuilt
-    assert not (out / build.STAGING_DIRNAME).exists()
+    assert not (out / STAGING_DIRNAME).exists()

@@ -176,3 +176,46 @@ def test_probes_fork_the_history_and_leave_the_dialogue_unchanged(tiny_model_dir
     c = curve([{"dialogue_id": r["dialogue_id"], "user_source": "probe", "turns": r["probes"]}
                for r in with_probes], "strict", n_boot=50)
     assert c["n"][1] == 0 and c["n"][0] > 0  # round 2 was not probed
+
+
+def _results_from(run_dir):
+    report = json.loads((run_dir / "report.json").read_text())
+    results = {label: {"model": m["model"], "intervention": m.get("intervention"), "records": []}
+               for label, m in report["models"].items()}
+    for line in (run_dir / "dialogues.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        results[record.pop("model")]["records"].append(record)
+    return report, results
+
+
+def test_a_report_set_killed_while_written_leaves_the_previous_set_whole(eval_run, tmp_path, monkeypatch):
+    import shutil
+
+    from faults import kill_after_first_move
+
+    from dialogrl.data import atomic_outputs
+    from dialogrl.evaluation import report as report_module
+
+    out = tmp_path / "eval"
+    shutil.copytree(eval_run / "a", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    report, results = _results_from(out)
+
+    def killed(*_args, **_kwargs):
+        raise KeyboardInterrupt("killed")
+
+    rerun = report | {"rerun": True}  # what a second run would write
+    monkeypatch.setattr(report_module, "plot_survival", killed)
+    with pytest.raises(KeyboardInterrupt):
+        report_module.write_outputs(rerun, results, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    monkeypatch.undo()
+
+    kill_after_first_move(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        report_module.write_outputs(report, results, out)
+    assert not (out / "report.json").exists()  # a mixed set is never taken for a finished report
+    monkeypatch.undo()
+    report_module.write_outputs(report, results, out)
+    assert json.loads((out / "report.json").read_text()) == report
+    assert not (out / atomic_outputs.STAGING_DIRNAME).exists()
