@@ -104,3 +104,19 @@ def test_assistant_mask_on_the_real_smollm2_tokenizer(fetched_home):
     texts = [chat.tokenizer.decode(result.input_ids[a:b]) for a, b in result.assistant_spans()]
     assert texts == ["i am a small model.<|im_end|>", "four, of course.<|im_end|>"]
     assert result.turn_index[result.assistant_spans()[1][0]] == 2
+
+
+def test_a_killed_fetchs_scratch_is_removed_and_a_running_ones_kept(tmp_path):
+    import os
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = tmp_path / f".smollm2-135m-instruct-{dead.pid}-abc123"
+    running = tmp_path / f".smollm2-135m-instruct-{os.getpid()}-def456"
+    for scratch in (killed, running):
+        (scratch / "wheel").mkdir(parents=True)
+        (scratch / "wheel" / "part.whl").write_bytes(b"x" * 1000)
+    other = tmp_path / "smollm2-135m-instruct"  # the fetched model itself is never touched
+    other.mkdir()
+    assert packaged.remove_stale_scratch(tmp_path, "smollm2-135m-instruct") == [killed]
+    assert not killed.exists() and running.exists() and other.exists()

