@@ -114,6 +114,29 @@ def test_cached_play_equals_reencoding_while_the_history_is_the_same(model_and_t
     assert [t.messages[:3] for t in cached] == [t.messages[:3] for t in fresh]
 
 
+def test_every_cached_round_is_what_one_forward_over_the_whole_dialogue_predicts(model_and_tokenizer):
+    """Replies are greedy: each generated token of every round must be the argmax of one plain
+    forward pass over the dialogue's tokens, so a cache that went stale after round 1 (wrong
+    positions, a missed user segment, a row's cache mixed with another's) is caught in any round."""
+    import torch
+
+    model, tokenizer = model_and_tokenizer
+    played = play(model, tokenizer, batch_size=3, reuse_cache=True, with_tokens=True)
+    checked_rounds = set()
+    for trajectory in played:
+        ids = torch.tensor([trajectory.token_ids])
+        with torch.no_grad():
+            logits = model(ids).logits[0].float()
+        generated = [i for i, bit in enumerate(trajectory.assistant_mask) if bit]
+        for position in generated:
+            best = logits[position - 1].max()
+            # Up to float noise between a batched, cached pass and one plain pass.
+            assert logits[position - 1, trajectory.token_ids[position]] >= best - 1e-3, (
+                trajectory.dialogue_id, trajectory.turn_index[position])
+            checked_rounds.add(trajectory.turn_index[position])
+    assert checked_rounds == {1, 2, 3, 4}
+
+
 def test_rows_that_finish_early_leave_the_batch_without_changing_anything(model_and_tokenizer):
     from collections import Counter
 
