@@ -14,7 +14,7 @@ after the reply. Tool results, user and system text stay 0.
 
 Stop tokens are what generation stops on: the tokenizer's `eos_token` plus the
 `eos_token_id` entries of the model's `generation_config.json`
-(`generation_stop_tokens`), so a turn of Command-R7B ends at
+(`generation_stop_tokens`), so a turn of Command-A ends at
 `<|END_OF_TURN_TOKEN|>`, not at the `<|END_RESPONSE|>` before it.
 
 Why not TRL's `assistant_only_loss`: it needs `{% generation %}` tags in the

@@ -20,21 +20,28 @@ from typing import Any
 Problems = list[tuple[str, str]]
 
 
+def _function_entry(entry: Any, at: str, shape: str) -> tuple[dict[str, Any] | None, Problems]:
+    """The `function` object of a tool definition or call, and the problems of its type and name."""
+    function = entry.get("function") if isinstance(entry, dict) else None
+    if not isinstance(function, dict):
+        return None, [(at, f'expected {{"type": "function", "function": {shape}}}')]
+    problems: Problems = []
+    if entry.get("type", "function") != "function":
+        problems.append((f"{at}.type", f"only function tools are supported, got {entry.get('type')!r}"))
+    if not isinstance(function.get("name"), str) or not function["name"].strip():
+        problems.append((f"{at}.function.name", "expected a non-empty string"))
+    return function, problems
+
+
 def tools_problems(tools: Any, field_name: str = "tools") -> Problems:
     if not isinstance(tools, list):
         return [(field_name, f"expected a list of tool definitions, got {type(tools).__name__}")]
     problems: Problems = []
     for i, tool in enumerate(tools):
         where = f"{field_name}[{i}]"
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(function, dict):
-            problems.append((where, 'expected {"type": "function", "function": {"name": ..., "parameters": ...}}'))
-            continue
-        if tool.get("type", "function") != "function":
-            problems.append((f"{where}.type", f"only function tools are supported, got {tool.get('type')!r}"))
-        if not isinstance(function.get("name"), str) or not function["name"].strip():
-            problems.append((f"{where}.function.name", "expected a non-empty string"))
-        if "parameters" in function and not isinstance(function["parameters"], dict):
+        function, found = _function_entry(tool, where, '{"name": ..., "parameters": ...}')
+        problems += found
+        if function is not None and "parameters" in function and not isinstance(function["parameters"], dict):
             problems.append((f"{where}.function.parameters", "expected a JSON schema object"))
     return problems
 
@@ -51,18 +58,14 @@ def tool_call_problems(calls: Any, where: str, known_tools: set[str] | None) -> 
     problems: Problems = []
     for j, call in enumerate(calls):
         at = f"{field_name}[{j}]"
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict):
-            problems.append((at, 'expected {"type": "function", "function": {"name": ..., "arguments": {...}}}'))
+        function, found = _function_entry(call, at, '{"name": ..., "arguments": {...}}')
+        problems += found
+        if function is None:
             continue
-        if call.get("type", "function") != "function":
-            problems.append((f"{at}.type", f"only function calls are supported, got {call.get('type')!r}"))
         if "id" in call and not isinstance(call["id"], str):
             problems.append((f"{at}.id", f"expected a string, got {type(call['id']).__name__}"))
         name = function.get("name")
-        if not isinstance(name, str) or not name.strip():
-            problems.append((f"{at}.function.name", "expected a non-empty string"))
-        elif known_tools is not None and name not in known_tools:
+        if known_tools is not None and isinstance(name, str) and name.strip() and name not in known_tools:
             problems.append((f"{at}.function.name", f"calls {name!r}, which the row's tools do not define "
                                                     f"(defined: {', '.join(sorted(known_tools)) or 'none'})"))
         arguments = function.get("arguments")

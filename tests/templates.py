@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import trl
@@ -43,7 +43,6 @@ class Template:
     refused_tools: str | None = None  # the same for a dialogue with tool calls
     refusal_reason: str = ""  # what the template does that makes it unusable, in words
     notes: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def _trl(family, specials, bos, stops, system=True, refused=None) -> Template:
