@@ -385,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from dialogrl.training.models import ModelResolutionError
+    from dialogrl.training.run_lifecycle import leave_process_group
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ["reward", "score"]:
@@ -394,7 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        status = args.handler(args)
+        leave_process_group()
+        return status
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -231,6 +231,9 @@ def finish(trainer: PPOTrainer, run: Run) -> dict:
                           description=describe_run(recipe, summary), data_section=data_section(summary["data"]),
                           extra_card=first_and_last_table(trainer.history))
         plot_curves(trainer.history, run.output_dir / "ppo_curves.png")
+    # The other ranks wait for the main process's writes: a rank that tears its gloo group down while its
+    # peer is still busy can abort ("terminate called without an active exception") and fail the launch.
+    accelerator.wait_for_everyone()
     return summary
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,16 @@ class Run:
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def leave_process_group() -> None:
+    """End a launched run's process group once every rank is done. The Trainer stages never destroy it, and a
+    gloo group left to the interpreter's exit, or destroyed by one rank while its peer still writes, can abort
+    the process after a run that succeeded."""
+    dist = sys.modules.get("torch.distributed")  # a command that never imported torch has no group to end
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def start_run(recipe: RunRecipe, stage: str, state_file: str = TRAINER_STATE_FILENAME) -> Run:
