@@ -167,8 +167,10 @@ def _drop_overlong(rows, tokenizer, max_length, name, rejects, stats: builders.B
     return kept
 
 
-def build_all(config: DataBuildConfig, *, tokenizer=None, reply_fn: ReplyFn | None = None, log=print) -> dict:
-    """Build every set described by `config`; returns the manifest (also written to disk)."""
+def build_all(config: DataBuildConfig, *, tokenizer=None, reply_fn: ReplyFn | None = None, log=print,
+              record: dict[str, Any] | None = None) -> dict:
+    """Build every set described by `config`; returns the manifest (also written to disk). `record` is added
+    to the manifest (the build's fingerprint and output id)."""
     started = time.perf_counter()
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -229,6 +231,7 @@ def build_all(config: DataBuildConfig, *, tokenizer=None, reply_fn: ReplyFn | No
         "held_out_types_used": sorted(used_types & set(catalogue.HELD_OUT_TYPES)),
         "rejects": len(rejects),
         "seconds": round(time.perf_counter() - started, 1),
+        **(record or {}),
     }
     (staging / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2) + "\n")
     publish(staging, output_dir, MANIFEST_FILENAME)

@@ -219,3 +219,36 @@ def test_a_report_set_killed_while_written_leaves_the_previous_set_whole(eval_ru
     report_module.write_outputs(report, results, out)
     assert json.loads((out / "report.json").read_text()) == report
     assert not (out / atomic_outputs.STAGING_DIRNAME).exists()
+
+
+def test_a_model_that_fails_costs_only_its_own_work_and_a_rerun_reuses_the_finished_ones(tiny_model_dir, tmp_path,
+                                                                                           capsys):
+    """Issue 18 item 3: an eval of two models whose second fails to load keeps the first model's records;
+    the rerun (the second repaired) plays only the second and reports both."""
+    import shutil
+
+    from dialogrl.training import cli
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    out = tmp_path / "eval"
+    args = ["eval", "--model", str(tiny_model_dir), "--model", str(broken), "--output-dir", str(out),
+            "scenarios.dialogues=2", "scenarios.rounds=2", "sampling.max_new_tokens=4", "bootstrap_samples=20",
+            f"responsiveness.scorer={tiny_model_dir}"]
+    assert cli.main(args) == 1
+    assert f"weights in {broken}: model.safetensors" in capsys.readouterr().err
+    (kept,) = (out / "per_model").glob("*.json")
+    first_records = json.loads(kept.read_text())["records"]
+    assert not (out / "report.json").exists()
+
+    shutil.copy(tiny_model_dir / "model.safetensors", weights)
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert f"{tiny_model_dir}: reusing its records" in err and f"evaluating {tiny_model_dir}\n" not in err
+    assert f"evaluating {broken}" in err
+    played = [json.loads(line) for line in (out / "dialogues.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in d.items() if k != "model"} for d in played if d["model"] == str(tiny_model_dir)] \
+        == first_records
+    assert set(json.loads((out / "report.json").read_text())["models"]) == {str(tiny_model_dir), str(broken)}

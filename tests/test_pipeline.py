@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 from dialogrl.training.config import load_recipe
@@ -83,8 +85,11 @@ def test_pipeline_runs_every_stage_compares_checkpoints_and_skips_on_rerun(tiny_
     stored = json.loads((run / "summary.json").read_text())
     assert stored["models"] == summary["models"]
     report = json.loads((run / "eval" / "report.json").read_text())
+    # The summary's adherence is what the played dialogues say, recomputed here from dialogues.jsonl.
+    played = [json.loads(line) for line in (run / "eval" / "dialogues.jsonl").read_text().splitlines()]
     for label, row in summary["models"].items():
-        assert row["auc_strict"] == report["models"][label]["auc_strict"]
+        assert row["adherence_round_1"] == pytest.approx(_strict_adherence(played, label, 1))
+        assert row["adherence_last_round"] == pytest.approx(_strict_adherence(played, label, row["rounds"]))
         assert 0 <= row["gate_pass_rate"] <= 1
     assert report["models"]["dpo"]["model"] == str(run / "dpo" / "merged")  # LoRA step: its merged model
     markdown = (run / "summary.md").read_text()
@@ -100,3 +105,31 @@ def test_pipeline_runs_every_stage_compares_checkpoints_and_skips_on_rerun(tiny_
     skipped = [m for m in rerun_messages if "skipped" in m]
     assert len(skipped) == 6, rerun_messages  # five steps and the evaluation
     assert not any("running" in m for m in rerun_messages)
+
+    # Issue 18 item 1: a changed step is trained again, and so is every step reading its output.
+    recipe.steps[1].overrides = ["training.learning_rate=3e-5"]
+    changed = _ran_and_skipped(pipeline, recipe)
+    assert changed == {"ran": ["sft", "dpo", "ppo"], "skipped": ["data", "reward"]}, changed
+    sft_id = json.loads((run / "sft" / "run_summary.json").read_text())["output_id"]
+    assert json.loads((run / "ppo" / "fingerprint.json").read_text())["inputs"][str(run / "sft")] == f"output:{sft_id}"
+    assert load_recipe(run / "sft" / "config.yaml").training.learning_rate == 3e-5
+    # A deleted step is trained again with its readers; the evaluation reuses the base model's records.
+    shutil.rmtree(run / "reward")
+    messages.clear()
+    after_delete = _ran_and_skipped(pipeline, recipe, messages)
+    assert after_delete == {"ran": ["reward", "ppo"], "skipped": ["data", "sft", "dpo"]}, after_delete
+    assert any(m.startswith("[eval] base: reusing") for m in messages) and "[eval] evaluating ppo" in messages
+
+
+def _ran_and_skipped(pipeline, recipe, messages=None) -> dict[str, list[str]]:
+    messages = [] if messages is None else messages
+    summary = pipeline.main(recipe, log=messages.append)
+    steps = summary["steps"]
+    return {"ran": [s["name"] for s in steps if not s["skipped"]], "skipped": [s["name"] for s in steps if s["skipped"]]}
+
+
+def _strict_adherence(played: list[dict], label: str, round_number: int) -> float:
+    verdicts = [turn["gate_pass"] and all(check["strict"] for check in turn["checks"])
+                for dialogue in played if dialogue["model"] == label
+                for turn in dialogue["turns"] if turn["round"] == round_number and turn["checks"]]
+    return sum(verdicts) / len(verdicts)

@@ -92,6 +92,42 @@ def test_ppo_and_sft_share_the_summary_schema_the_card_and_the_cli_report(tiny_m
     assert f"card: {sft_out}/README.md" in sft_printed and f"card: {ppo_out}/README.md" in ppo_printed
 
 
+def test_a_finished_run_is_neither_retrained_nor_rewritten_and_a_changed_recipe_is_refused(tiny_model_dir, tmp_path,
+                                                                                              capsys):
+    """Issue 18 items 1-2 (standalone): the same recipe on a finished output_dir has nothing to do; a changed
+    learning rate, or a changed data file, is refused with what changed, on a finished run and on one stopped
+    after a checkpoint, and no record in the directory is touched."""
+    data = write_conversations(tmp_path / "sft.jsonl", 4)
+    out = tmp_path / "sft"
+    config = tmp_path / "sft.yaml"
+    config.write_text("stage: sft\n")
+    command = ["sft", "--config", str(config), f"model.name_or_path={tiny_model_dir}", f"data.train=[{{path: {data}}}]",
+               f"output_dir={out}", "data.eval_fraction=0", "tracking.report_to=none", "training.max_steps=2",
+               "training.save_steps=1"]
+    assert cli.main(command) == 0
+    capsys.readouterr()
+    records = ("run_summary.json", "README.md", "config.yaml", "fingerprint.json", "model.safetensors")
+    written = {name: (out / name).read_bytes() for name in records}
+
+    assert cli.main(command) == 0
+    assert "already holds the finished run of this recipe" in capsys.readouterr().err
+    assert {name: (out / name).read_bytes() for name in records} == written
+
+    assert cli.main([*command, "training.learning_rate=0.5"]) == 1
+    err = capsys.readouterr().err
+    assert "holds a finished run of another recipe" in err and "training.learning_rate: 1e-05 -> 0.5" in err
+    assert "another output_dir" in err and "Traceback" not in err
+    assert {name: (out / name).read_bytes() for name in records} == written
+
+    (out / "run_summary.json").unlink()  # as if it had been killed after its last checkpoint
+    with data.open("a") as handle:
+        handle.write(write_conversations(tmp_path / "more.jsonl", 1).read_text())
+    assert cli.main(command) == 1
+    err = capsys.readouterr().err
+    assert "holds checkpoints (up to checkpoint-2) of another recipe" in err and f"{data}: its contents changed" in err
+    assert (out / "config.yaml").read_bytes() == written["config.yaml"]
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     previous = torch.get_num_threads()

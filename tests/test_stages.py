@@ -16,6 +16,7 @@ import torch
 
 from dialogrl.data.chat_tokens import ChatTokenizer
 from dialogrl.training.config import load_recipe
+from dialogrl.training.run_lifecycle import last_complete_checkpoint
 
 WORDS = ["hello", "there", "how", "are", "you", "today", "fine", "thanks", "what", "about", "the", "weather",
          "sunny", "rain", "cold", "warm", "tea"]
@@ -324,14 +325,20 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path):
     assert not (out / "run_summary.json").exists()  # it really died mid-run
     killed_at = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
     assert killed_at < 400
+    # Mark what only the checkpoint holds: the Trainer carries a resumed run's log history on from its
+    # checkpoint, and a run trained from scratch (the resume ignored) would not have the mark.
+    resume_point = last_complete_checkpoint(out)
+    state_path = Path(resume_point) / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state["log_history"][0]["written_before_the_kill"] = True
+    state_path.write_text(json.dumps(state))
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "run_summary.json").read_text())
-    assert summary["global_step"] == 400
-    assert summary["resumed_from"].endswith(f"checkpoint-{killed_at}") or summary["resumed_from"].endswith(
-        f"checkpoint-{killed_at - 10}")  # the newest checkpoint may have been half-written when killed
-    steps_logged = [e["step"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"]
-                    if "loss" in e]
+    assert summary["global_step"] == 400 and summary["resumed_from"] == resume_point
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert history[0].get("written_before_the_kill") is True, "the run did not continue from its checkpoint"
+    steps_logged = [e["step"] for e in history if "loss" in e]
     assert steps_logged == sorted(set(steps_logged))  # no step trained twice in the log
 
 

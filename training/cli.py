@@ -102,11 +102,12 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 def _cmd_data_build(args: argparse.Namespace) -> int:
     from dialogrl.data.sources import DataError
     from dialogrl.training import data_stage
+    from dialogrl.training.run_lifecycle import StageError
 
     recipe = load_recipe(args.config, args.overrides, expected=data_stage.DataRecipe)
     try:
         manifest = data_stage.main(recipe, log=lambda msg: print(msg, file=sys.stderr))
-    except DataError as err:
+    except (DataError, StageError) as err:
         raise UserError(str(err)) from None
     sft, prefs = manifest["sft"], manifest["preferences"]
     print(f"sft: {sft['rows']} conversations (>= {sft['min_assistant_turns']} assistant turns each); "
@@ -119,6 +120,7 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from dialogrl.training import eval_stage
+    from dialogrl.training.run_lifecycle import StageError
 
     overrides = list(args.overrides)
     if args.model:
@@ -128,7 +130,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.config, overrides, expected=eval_stage.EvalRecipe)
     try:
         report = eval_stage.main(recipe, log=lambda msg: print(msg, file=sys.stderr))
-    except ValueError as err:
+    except (ValueError, StageError) as err:
         raise UserError(str(err)) from None
     _print_models(report)
     print(f"report: {recipe.output_dir}/report.md")
@@ -152,12 +154,16 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
 
     from dialogrl.data.sources import DataError
     from dialogrl.training.config import STAGE_MODULES
-    from dialogrl.training.run_lifecycle import StageError, is_main_process
+    from dialogrl.training.run_lifecycle import RunComplete, StageError, is_main_process
 
     module = importlib.import_module(STAGE_MODULES[stage])
     recipe = load_recipe(args.config, args.overrides, expected=recipe_kinds()[stage])
     try:
         summary = module.main(recipe, log=lambda msg: print(msg, file=sys.stderr))
+    except RunComplete as done:
+        if is_main_process():
+            print(done, file=sys.stderr)
+        return 0
     except (DataError, StageError) as err:
         raise UserError(str(err)) from None
     if not is_main_process():  # under accelerate launch, rank 0 speaks for all

@@ -7,10 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dialogrl.data.build import CachedReplies, DataBuildConfig, build_all
+from dialogrl.data.fingerprint import fingerprint, new_output_id, write_fingerprint
 from dialogrl.data.options import option
 from dialogrl.evaluation.sampling import SamplingConfig
-from dialogrl.training.config import dump_recipe, register_recipe, save_recipe
+from dialogrl.training import output_lock
+from dialogrl.training.config import recipe_to_dict, register_recipe, save_recipe
 from dialogrl.training.models import ModelConfig, load_causal_lm, load_tokenizer, resolve_model
+from dialogrl.training.run_lifecycle import StageError
 
 
 @register_recipe("data")
@@ -29,6 +32,14 @@ class DataRecipe(DataBuildConfig):
 
 
 def main(recipe: DataRecipe, log=print) -> dict:
+    """Build the sets. A build into a directory that holds another one replaces it whole (the manifest goes
+    last); the manifest records the recipe's fingerprint and a new output id, which later stages' fingerprints
+    name."""
+    try:
+        output_lock.acquire(Path(recipe.output_dir))
+    except output_lock.OutputDirInUse as err:
+        raise StageError(str(err)) from None
+    current = fingerprint(recipe_to_dict(recipe))
     resolved = resolve_model(recipe.model.name_or_path, revision=recipe.model.revision)
     tokenizer = load_tokenizer(recipe.model, resolved)
     reply_fn = None
@@ -36,15 +47,22 @@ def main(recipe: DataRecipe, log=print) -> dict:
         from dialogrl.evaluation.generation import reply_generator
 
         model = load_causal_lm(recipe.model, resolved).eval()
-        model_key = json.dumps({"model": recipe.model.name_or_path, "sampling": dump_recipe(recipe.sampling)})
+        # The model's identity, not only its name: a retrained checkpoint at the same path writes other replies.
+        resolved_recipe = recipe_to_dict(recipe)
+        model_key = fingerprint({"model": resolved_recipe["model"], "sampling": resolved_recipe["sampling"]}).digest
         reply_fn = CachedReplies(
             reply_generator(model, tokenizer, recipe.sampling, batch_size=recipe.generation_batch_size),
             Path(recipe.output_dir) / "cache" / "policy_replies.jsonl",
             model_key,
         )
     save_recipe(recipe, recipe.output_dir)
-    manifest = build_all(recipe, tokenizer=tokenizer, reply_fn=reply_fn, log=log)
+    write_fingerprint(Path(recipe.output_dir), current)
+    record = {"fingerprint": current.digest, "output_id": new_output_id()}
+    manifest = build_all(recipe, tokenizer=tokenizer, reply_fn=reply_fn, log=log, record=record)
     if isinstance(reply_fn, CachedReplies):
         manifest["policy_reply_cache"] = {"hits": reply_fn.hits, "generated": reply_fn.misses}
-        (Path(recipe.output_dir) / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        path = Path(recipe.output_dir) / "manifest.json"
+        path.with_suffix(".tmp").write_text(json.dumps(manifest, indent=2) + "\n")
+        path.with_suffix(".tmp").replace(path)
+    output_lock.release(Path(recipe.output_dir))
     return manifest

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from dialogrl.data.options import option
 from dialogrl.evaluation.evaluate import EvalConfig
 from dialogrl.evaluation.run import Candidate, parse_candidate, run_eval
+from dialogrl.training import output_lock
 from dialogrl.training.config import recipe_to_dict, register_recipe, save_recipe
 from dialogrl.training.models import ModelConfig, load_causal_lm, load_tokenizer, resolve_model
+from dialogrl.training.run_lifecycle import StageError
 
 
 @register_recipe("eval")
@@ -59,6 +62,12 @@ def scorer_loader(config: EvalConfig, loading: ModelConfig):
 
 
 def main(recipe: EvalRecipe, log=print) -> dict:
+    try:
+        output_lock.acquire(Path(recipe.output_dir))  # two evals into one directory would mix their reports
+    except output_lock.OutputDirInUse as err:
+        raise StageError(str(err)) from None
     save_recipe(recipe, recipe.output_dir)
-    return run_eval(recipe, candidates(recipe), recipe.output_dir, recipe_to_dict(recipe), log=log,
-                    load_scorer=scorer_loader(recipe, recipe.model))
+    report = run_eval(recipe, candidates(recipe), recipe.output_dir, recipe_to_dict(recipe), log=log,
+                      load_scorer=scorer_loader(recipe, recipe.model))
+    output_lock.release(Path(recipe.output_dir))
+    return report

@@ -8,8 +8,12 @@ another step's standalone output directory (its recipe's `output_dir`, such as
 standalone recipes chain as they are; `model_from` picks another start, and a
 step whose model is no earlier step's output starts from `base_model`.
 
-A rerun skips steps whose outputs are complete and says so; an interrupted step
-resumes from its last checkpoint (its `resume: auto`). Then the base model and
+A rerun skips a step whose outputs are complete for the exact recipe and inputs
+it has now (its fingerprint) and says so; an interrupted step with the same
+fingerprint resumes from its last checkpoint (its `resume: auto`); a step whose
+recipe, overrides or inputs changed is trained again from scratch, and so is
+every step that reads its output (each output has a new `output_id`, which is
+part of its readers' fingerprints). Then the base model and
 every evaluated checkpoint are scored by the evaluator in one report, and
 `summary.md`, `summary.json` and `adherence.png` compare them.
 """
@@ -26,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from dialogrl.data.fingerprint import fingerprint, read_fingerprint
 from dialogrl.data.options import option
+from dialogrl.training import output_lock
 from dialogrl.training.config import (
     STAGE_MODULES,
     load_recipe,
@@ -35,6 +41,7 @@ from dialogrl.training.config import (
     register_recipe,
     save_recipe,
 )
+from dialogrl.training.run_lifecycle import StageError
 
 TRAINING_STAGES = ("sft", "reward", "dpo", "ppo")
 CHECKPOINT_STAGES = ("sft", "dpo", "ppo")  # stages that produce a policy worth evaluating
@@ -90,11 +97,16 @@ def checkpoint_of(step_dir: Path) -> Path:
     return merged if (merged / "config.json").is_file() else step_dir
 
 
-def is_complete(stage: str, step_dir: Path) -> bool:
-    if stage == "data":
-        return (step_dir / "manifest.json").is_file()
-    summary = step_dir / "run_summary.json"
-    return summary.is_file() and json.loads(summary.read_text()).get("status") == "complete"
+def completed_digest(stage: str, step_dir: Path) -> str | None:
+    """The fingerprint digest of the finished outputs in `step_dir`, or None when they are not finished."""
+    record = step_dir / ("manifest.json" if stage == "data" else "run_summary.json")
+    try:
+        done = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    if stage != "data" and done.get("status") != "complete":
+        return None
+    return done.get("fingerprint")
 
 
 def _redirect(value: Any, redirects: dict[str, str]) -> Any:
@@ -140,9 +152,17 @@ def wire(recipe: PipelineRecipe, run_dir: Path) -> list[tuple[PipelineStep, Any,
 
 
 def run_step(step: PipelineStep, stage_recipe: Any, step_dir: Path, log=print) -> dict[str, Any]:
-    if is_complete(step.stage, step_dir):
-        log(f"[{step.name}] skipped: outputs complete in {step_dir}")
+    # Computed now, not when wiring: an earlier step may just have been trained again.
+    current = fingerprint(recipe_to_dict(stage_recipe))
+    if completed_digest(step.stage, step_dir) == current.digest:
+        log(f"[{step.name}] skipped: outputs complete for this recipe and inputs in {step_dir}")
         return {"name": step.name, "stage": step.stage, "skipped": True, "dir": str(step_dir)}
+    before = read_fingerprint(step_dir)
+    if step_dir.exists() and (before is None or before.digest != current.digest):
+        changes = current.changes_from(before) if before is not None else ["(no fingerprint.json: unknown recipe)"]
+        log(f"[{step.name}] outputs in {step_dir} are from another recipe or other inputs; training from scratch. "
+            f"Changed: {'; '.join(changes)}")
+        shutil.rmtree(step_dir)
     log(f"[{step.name}] running dialogrl {step.stage if step.stage != 'data' else 'data build'} -> {step_dir}")
     started = time.perf_counter()
     module = importlib.import_module(STAGE_MODULES[step.stage])
@@ -178,10 +198,11 @@ def evaluate_checkpoints(recipe: PipelineRecipe, wired, run_dir: Path, log=print
 
         report = json.loads(report_path.read_text())
         done = {label: m["model"] for label, m in report["models"].items()}
-        newest_checkpoint = max((Path(ref).stat().st_mtime for _l, ref in models if Path(ref).exists()), default=0)
-        # A report from an older evaluator (another verdict) is not complete for this one.
-        current = report.get("schema_version") == SCHEMA_VERSION
-        if current and done == dict(models) and report_path.stat().st_mtime > newest_checkpoint:
+        # The fingerprint names each checkpoint's output id: a step trained again makes the report stale. A report
+        # from an older evaluator (another verdict) is stale too.
+        current = report.get("schema_version") == SCHEMA_VERSION and \
+            report.get("fingerprint") == fingerprint(recipe_to_dict(eval_recipe)).digest
+        if current and done == dict(models):
             log(f"[eval] skipped: {report_path} already compares {', '.join(done)}")
             return report
     candidates = eval_stage.candidates(eval_recipe)
@@ -249,7 +270,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 def main(recipe: PipelineRecipe, log=print) -> dict[str, Any]:
     started = time.perf_counter()
     run_dir = Path(recipe.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_lock.acquire(run_dir)  # a second pipeline on this run directory would retrain steps under it
+    except output_lock.OutputDirInUse as err:
+        raise StageError(str(err)) from None
     save_recipe(recipe, run_dir)
     wired = wire(recipe, run_dir)
     steps = [run_step(step, stage_recipe, step_dir, log) for step, stage_recipe, step_dir in wired]
@@ -258,4 +282,5 @@ def main(recipe: PipelineRecipe, log=print) -> dict[str, Any]:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (run_dir / "summary.md").write_text(summary_markdown(summary))
     shutil.copyfile(run_dir / "eval" / "adherence.png", run_dir / "adherence.png")
+    output_lock.release(run_dir)
     return summary

@@ -1,7 +1,10 @@
 """The life of a training run, the same for every stage (sft, reward, dpo, ppo).
 
-`start_run` checks the output directory against `resume`, saves config.yaml and
-sets up tracking; checkpoints are `checkpoint-N` directories whose state file is
+`start_run` checks the output directory against `resume` and against the
+fingerprint of the recipe and inputs that made what is already there (a changed
+recipe on a directory with checkpoints or a finished run is refused; the same
+recipe on a finished run has nothing to do), saves config.yaml and
+fingerprint.json and sets up tracking; checkpoints are `checkpoint-N` directories whose state file is
 written last, rotated by `rotate_checkpoints`; `run_summary` builds the one
 `run_summary.json` schema and `write_run_outputs` writes the tokenizer, the
 merged weights when asked, the model card and the summary.
@@ -18,8 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from dialogrl.data.fingerprint import (
+    Fingerprint,
+    fingerprint,
+    new_output_id,
+    read_fingerprint,
+    write_fingerprint,
+)
 from dialogrl.training import output_lock
-from dialogrl.training.config import dump_recipe, save_recipe
+from dialogrl.training.config import dump_recipe, recipe_to_dict, save_recipe
 from dialogrl.training.models import ModelConfig
 from dialogrl.training.stage_config import LoraOptions
 from dialogrl.training.tracking import TrackingConfig, setup_tracking
@@ -32,6 +42,16 @@ TRAINER_STATE_FILENAME = "trainer_state.json"
 
 class StageError(RuntimeError):
     """A stage that cannot start as configured (output directory state, resume target, arguments)."""
+
+
+class RunComplete(Exception):
+    """The output directory already holds this recipe's finished run: there is nothing to train."""
+
+    def __init__(self, output_dir: Path, summary: dict[str, Any]):
+        super().__init__(f"{output_dir} already holds the finished run of this recipe and inputs "
+                         f"({summary.get('global_step')} steps); nothing to train. Give the run another output_dir "
+                         "to train it again.")
+        self.summary = summary
 
 
 class RunRecipe(Protocol):
@@ -51,6 +71,7 @@ class Run:
     output_dir: Path
     resume_from: str | None
     report_to: list[str]
+    fingerprint: Fingerprint
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -77,10 +98,48 @@ def start_run(recipe: RunRecipe, stage: str, state_file: str = TRAINER_STATE_FIL
         except output_lock.OutputDirInUse as err:
             raise StageError(str(err)) from None
     resume_from = find_resume_checkpoint(output_dir, recipe.resume, state_file)
+    current = fingerprint(recipe_to_dict(recipe))
+    try:
+        check_same_recipe(output_dir, current, state_file)
+    except RunComplete:
+        output_lock.release(output_dir)
+        raise
     if is_main_process():
         save_recipe(recipe, output_dir)
+        write_fingerprint(output_dir, current)
     report_to = setup_tracking(recipe.tracking, output_dir)
-    return Run(recipe, stage, output_dir, resume_from, report_to)
+    return Run(recipe, stage, output_dir, resume_from, report_to, current)
+
+
+def finished_summary(output_dir: Path) -> dict[str, Any] | None:
+    """run_summary.json of a finished run in `output_dir`, or None."""
+    try:
+        summary = json.loads((Path(output_dir) / SUMMARY_FILENAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("status") == "complete" else None
+
+
+def check_same_recipe(output_dir: Path, current: Fingerprint, state_file: str = TRAINER_STATE_FILENAME) -> None:
+    """Refuse to continue or rewrite what another recipe (or other inputs) made in `output_dir`: resuming would
+    keep the old run's schedule and state, and the records would describe a model that was not trained so.
+    Raises RunComplete when the directory already holds this very run, finished."""
+    summary = finished_summary(output_dir)
+    checkpoint = last_complete_checkpoint(output_dir, state_file)
+    if summary is None and checkpoint is None:
+        return
+    held = "a finished run" if summary is not None else f"checkpoints (up to {Path(checkpoint).name})"
+    way_out = f"Give this run another output_dir, or delete {output_dir} to train there from scratch."
+    before = read_fingerprint(output_dir)
+    if before is None:
+        raise StageError(f"{output_dir} holds {held} but no fingerprint.json, so which recipe made it is unknown "
+                         f"(an older dialogrl, or the file was removed). Nothing was changed. {way_out}")
+    if before.digest != current.digest:
+        changes = "\n  ".join(current.changes_from(before))
+        raise StageError(f"{output_dir} holds {held} of another recipe or other inputs. Changed since:\n  {changes}\n"
+                         f"Nothing was changed there. {way_out}")
+    if summary is not None:
+        raise RunComplete(output_dir, summary)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -171,6 +230,8 @@ def run_summary(run: Run, *, global_step: int, max_steps: int, world_size: int, 
     return {
         "stage": run.stage,
         "status": "complete",
+        "fingerprint": run.fingerprint.digest,  # of the recipe and inputs (fingerprint.json lists them)
+        "output_id": new_output_id(),  # what later runs made from this one record as its identity
         "base_model": run.recipe.model.name_or_path,
         "global_step": global_step,
         "max_steps": max_steps,
