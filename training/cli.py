@@ -415,6 +415,17 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
         sys.stderr.close()
         return 0
+    except Exception as err:  # a full disk surfaces as OSError, safetensors' SafetensorError or torch's RuntimeError
+        from dialogrl.training.disk_full import disk_full_message, is_disk_full
+
+        if not is_disk_full(err):
+            raise
+        print(f"error: {disk_full_message(err)}", file=sys.stderr)
+        return 1
+    finally:
+        from dialogrl.training import output_lock
+
+        output_lock.release_all()
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def acquire(output_dir: Path) -> None:
         with os.fdopen(descriptor, "w") as handle:
             json.dump(me, handle)
         if not _held:
-            atexit.register(_release_all)
+            atexit.register(release_all)
         _held.add(path)
         return
     raise OutputDirInUse(f"could not take {path}: it keeps reappearing; another run is starting in {output_dir}")
@@ -67,7 +67,13 @@ def release(output_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _release_all() -> None:
+def held_dirs() -> list[Path]:
+    """The output directories this process holds."""
+    return sorted(path.parent for path in _held)
+
+
+def release_all() -> None:
+    """Give back every lock this process holds (a command that ended, however it ended)."""
     for path in list(_held):
         release(path.parent)
 

