@@ -165,6 +165,14 @@ class ChatTokenizer:
                 message_ends.append(self._content_end(message, text, floor))
         return text, spans, message_ends
 
+    def message_end(self, messages: Sequence[Message], k: int, text: str, tools: Tools = None) -> int:
+        """Where message k's share of `text` ends (as `assistant_char_spans` counts it); `text` renders
+        `messages`, or a conversation that continues them."""
+        if messages[k]["role"] == "assistant":
+            return self.locate_reply(messages, k, text, tools)[2]
+        floor = self.message_end(messages, k - 1, text, tools) if k > 0 else 0
+        return self._content_end(messages[k], text, floor)
+
     def locate_reply(self, messages: Sequence[Message], k: int, text: str, tools: Tools = None
                      ) -> tuple[int, int, int]:
         """Where assistant message k sits in `text` (a rendering of messages that include it).

@@ -140,11 +140,9 @@ def evaluate_model(
                            generation_context=context)
     simulated = None
     if config.scenarios.user_source == "simulated":
-        from dialogrl.evaluation.generation import reply_generator
-
         # The same model plays the user, sampling so that users differ between dialogues.
-        simulated = reply_generator(model, tokenizer, SamplingConfig(max_new_tokens=48, temperature=0.8,
-                                                                     seed=config.scenarios.seed), batch_size=1)
+        simulated = RolloutEngine(model, tokenizer, SamplingConfig(max_new_tokens=48, temperature=0.8,
+                                                                   seed=config.scenarios.seed), batch_size=1).reply
     started = time.perf_counter()
     trajectories = engine.play(dialogue_specs(scenarios, intervention, simulated), config.scenarios.rounds)
     seconds = time.perf_counter() - started

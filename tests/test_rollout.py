@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dialogrl.data.chat_tokens import TokenizedConversation
+from dialogrl.data.chat_tokens import ChatTokenizer, TokenizedConversation
 from dialogrl.evaluation.rollout import DialogueSpec, RolloutEngine
 from dialogrl.evaluation.sampling import SamplingConfig
 from dialogrl.evaluation.users import PressureUser, ReplayedUser
@@ -104,14 +104,36 @@ def test_length_groups_minimise_padded_tokens_plus_overhead(lengths, overhead, e
     assert _length_groups(lengths, overhead) == expected
 
 
-def test_cached_play_equals_reencoding_while_the_history_is_the_same(model_and_tokenizer):
-    """Re-encoding a reply's decoded text need not give back the model's own tokens (stripped
-    whitespace, broken UTF-8 from a random model), so from round 2 on the two may differ; the
-    first round, where the history is identical, must not."""
+def test_play_without_cache_reuse_keeps_every_reply_and_equals_cached_play(model_and_tokenizer):
+    """`reuse_cache=False` runs the model over every row's whole history each round instead of keeping the
+    cache; the rows keep their tokens, so every reply's mask and log-probs survive (they used to be lost for
+    all but the last reply) and greedy play is the cached play, token for token, in every round."""
     model, tokenizer = model_and_tokenizer
-    cached = play(model, tokenizer, batch_size=3, reuse_cache=True)
-    fresh = play(model, tokenizer, batch_size=1, reuse_cache=False)
-    assert [t.messages[:3] for t in cached] == [t.messages[:3] for t in fresh]
+    cached = play(model, tokenizer, batch_size=3, reuse_cache=True, with_tokens=True)
+    fresh = play(model, tokenizer, batch_size=1, reuse_cache=False, with_tokens=True)
+    assert [t.messages for t in cached] == [t.messages for t in fresh]
+    for a, b in zip(cached, fresh, strict=True):
+        assert a.token_ids == b.token_ids and a.assistant_mask == b.assistant_mask and a.turn_index == b.turn_index
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+        assert len(TokenizedConversation(b.token_ids, b.assistant_mask, b.turn_index).assistant_spans()) == b.rounds
+
+
+def test_turn_index_numbers_tokens_as_the_chat_tokenizer_does(model_and_tokenizer):
+    """0 up to the end of the system prompt, then r from the end of reply r - 1 (its stop token) to the end of
+    reply r: the tokens before the first reply carry the same numbers as ChatTokenizer gives them."""
+    model, tokenizer = model_and_tokenizer
+    chat = ChatTokenizer(tokenizer)
+    for trajectory in play(model, tokenizer, batch_size=3, reuse_cache=True, with_tokens=True):
+        spans = TokenizedConversation(trajectory.token_ids, trajectory.assistant_mask,
+                                      trajectory.turn_index).assistant_spans()
+        reference = chat(trajectory.messages)
+        first_reply = spans[0][0]
+        assert trajectory.token_ids[:first_reply] == reference.input_ids[:first_reply]
+        assert trajectory.turn_index[:first_reply] == reference.turn_index[:first_reply]
+        assert (trajectory.turn_index[0] == 0) == (trajectory.messages[0]["role"] == "system")
+        ends = [0] + [end for _start, end in spans]
+        for r, (_start, end) in enumerate(spans, 1):
+            assert set(trajectory.turn_index[ends[r - 1] if r > 1 else first_reply: end]) == {r}
 
 
 def test_every_cached_round_is_what_one_forward_over_the_whole_dialogue_predicts(model_and_tokenizer):

@@ -1,19 +1,21 @@
 """`dialogrl chat`: a multi-turn conversation with any checkpoint, in its own chat template.
 
 User lines come from the recipe's `script` or from standard input (one line per
-turn, so it works piped); the whole history goes back into the template every
-turn, so each reply is generated with all earlier exchanges in context.
+turn, so it works piped). Replies come from the rollout engine, one round per
+line: each is generated with all earlier exchanges in context, and only the new
+turn is run through the model (the cache of the rest is kept).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 from dialogrl.data.options import option
+from dialogrl.evaluation.rollout import ChatTurns, RolloutEngine
 from dialogrl.evaluation.sampling import SamplingConfig
 from dialogrl.training.config import register_recipe, save_recipe
 from dialogrl.training.models import ModelConfig, load_causal_lm, load_tokenizer, resolve_model
@@ -35,35 +37,32 @@ class ChatRecipe:
 
 @dataclass
 class ChatSession:
-    """A conversation that keeps its history; `reply` adds one exchange."""
+    """A conversation that keeps its history; `reply` adds one exchange. Replies come from the generation
+    engine the evaluator and PPO use, one round per exchange, with the cache kept between them."""
 
     model: object
     tokenizer: object
     sampling: SamplingConfig
-    messages: list[dict[str, str]] = field(default_factory=list)
-    last_prompt_ids: list[int] = field(default_factory=list)
+    turns: ChatTurns
 
     @classmethod
     def start(cls, model, tokenizer, sampling: SamplingConfig, system_prompt: str | None = None) -> ChatSession:
-        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        return cls(model=model, tokenizer=tokenizer, sampling=sampling, messages=messages)
+        engine = RolloutEngine(model, tokenizer, sampling, batch_size=1)
+        return cls(model=model, tokenizer=tokenizer, sampling=sampling, turns=engine.open_chat(system_prompt))
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        return self.turns.messages
+
+    @property
+    def last_prompt_ids(self) -> list[int]:
+        return self.turns.prompt_ids()
 
     def reply(self, user_text: str) -> str:
         import torch
 
-        self.messages.append({"role": "user", "content": user_text})
-        encoded = self.tokenizer.apply_chat_template(
-            self.messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        )
-        encoded = {k: v.to(self.model.device) for k, v in encoded.items()}
-        self.last_prompt_ids = encoded["input_ids"][0].tolist()
         torch.manual_seed(self.sampling.seed + len(self.messages))
-        with torch.inference_mode():
-            output = self.model.generate(**encoded, **self.sampling.generate_kwargs(self.tokenizer, self.model))
-        new_tokens = output[0, encoded["input_ids"].shape[1] :]
-        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-        self.messages.append({"role": "assistant", "content": text})
-        return text
+        return self.turns.say(user_text)
 
 
 def user_lines(recipe: ChatRecipe, stdin: TextIO):

@@ -44,14 +44,14 @@ def main(recipe: DataRecipe, log=print) -> dict:
     tokenizer = load_tokenizer(recipe.model, resolved)
     reply_fn = None
     if recipe.sft.reply_source == "policy":
-        from dialogrl.evaluation.generation import reply_generator
+        from dialogrl.evaluation.rollout import RolloutEngine
 
         model = load_causal_lm(recipe.model, resolved).eval()
         # The model's identity, not only its name: a retrained checkpoint at the same path writes other replies.
         resolved_recipe = recipe_to_dict(recipe)
         model_key = fingerprint({"model": resolved_recipe["model"], "sampling": resolved_recipe["sampling"]}).digest
         reply_fn = CachedReplies(
-            reply_generator(model, tokenizer, recipe.sampling, batch_size=recipe.generation_batch_size),
+            RolloutEngine(model, tokenizer, recipe.sampling, batch_size=recipe.generation_batch_size).reply,
             Path(recipe.output_dir) / "cache" / "policy_replies.jsonl",
             model_key,
         )

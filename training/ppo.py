@@ -50,13 +50,13 @@ def _simulated_user(recipe: PPORecipe, policy, reference, tokenizer):
     """The base model plays the user (the frozen reference, or the LoRA policy with its adapter off)."""
     if recipe.episodes.user_source != "simulated":
         return None
-    from dialogrl.evaluation.generation import reply_generator
+    from dialogrl.evaluation.rollout import RolloutEngine
     from dialogrl.evaluation.sampling import SamplingConfig
 
     base = reference if reference is not None else policy
-    # reply_generator seeds on a forked RNG, so the policy's own sampling stream is left alone.
-    generate = reply_generator(base, tokenizer, SamplingConfig(max_new_tokens=48, temperature=0.8,
-                                                               seed=recipe.episodes.seed), batch_size=1)
+    # `reply` seeds on a forked RNG, so the policy's own sampling stream is left alone.
+    generate = RolloutEngine(base, tokenizer, SamplingConfig(max_new_tokens=48, temperature=0.8,
+                                                             seed=recipe.episodes.seed), batch_size=1).reply
 
     if reference is not None:
         return generate
