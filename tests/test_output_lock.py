@@ -65,3 +65,25 @@ def test_the_lock_is_reentrant_in_one_process_and_refuses_another(tmp_path):
     hold_lock(tmp_path, os.getppid())
     with pytest.raises(output_lock.OutputDirInUse, match=f"pid {os.getppid()}"):
         output_lock.acquire(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["eval", "data build", "pipeline"])
+def test_an_eval_a_data_build_and_a_pipeline_stop_on_a_busy_directory(command, tiny_model_dir, tmp_path, capsys):
+    """The same lock guards the directories the other commands write (before any model loads)."""
+    from dialogrl.training import cli
+
+    out = tmp_path / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    config = tmp_path / "recipe.yaml"
+    config.write_text(f"stage: {command.split()[0]}\n")
+    argv = {"eval": ["eval", "--model", str(tiny_model_dir), "--output-dir", str(out)],
+            "data build": ["data", "build", "--config", str(config), f"output_dir={out}"],
+            "pipeline": ["pipeline", "--config", str(config), f"output_dir={out}"]}[command]
+    try:
+        hold_lock(out, holder.pid)
+        status = cli.main(argv)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert status == 1 and f"is in use by another dialogrl run (pid {holder.pid}" in capsys.readouterr().err
+    assert not (out / "config.yaml").exists()

@@ -90,7 +90,11 @@ def test_pipeline_runs_every_stage_compares_checkpoints_and_skips_on_rerun(tiny_
     for label, row in summary["models"].items():
         assert row["adherence_round_1"] == pytest.approx(_strict_adherence(played, label, 1))
         assert row["adherence_last_round"] == pytest.approx(_strict_adherence(played, label, row["rounds"]))
-        assert 0 <= row["gate_pass_rate"] <= 1
+        # The tiny model keeps no rule (adherence 0), so the rates it does reach are checked too.
+        turns = [turn for dialogue in played if dialogue["model"] == label for turn in dialogue["turns"]]
+        assert row["gate_pass_rate"] == pytest.approx(sum(t["gate_pass"] for t in turns) / len(turns))
+        judged = [t["responsive"] for t in turns if t.get("responsive") is not None]
+        assert row["responsive_rate"] == pytest.approx(sum(judged) / len(judged))
     assert report["models"]["dpo"]["model"] == str(run / "dpo" / "merged")  # LoRA step: its merged model
     markdown = (run / "summary.md").read_text()
     assert all(f"| {label} |" in markdown for label in summary["models"])
