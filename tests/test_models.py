@@ -94,3 +94,35 @@ def test_tokenizer_without_chat_template_is_refused(tiny_model_dir, tmp_path):
     config_path.write_text(json.dumps(config))
     with pytest.raises(ModelResolutionError, match="has no chat template"):
         load_tokenizer(ModelConfig(name_or_path=str(copy)))
+
+
+def test_a_fresh_score_head_is_drawn_from_the_recipe_seed_not_the_global_rng(tiny_model_dir):
+    """Issue 17: two processes of a reward run loaded different heads (each from the global RNG as it
+    happened to be), so their losses differed even under DDP. Seeded, the head depends on the seed alone."""
+    import torch
+
+    from dialogrl.training.models import load_scorer
+
+    config = ModelConfig(name_or_path=str(tiny_model_dir))
+    heads = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)
+        heads.append(load_scorer(config, seed=42).score.weight.detach().clone())
+    assert torch.equal(heads[0], heads[1])
+    assert not torch.equal(heads[0], load_scorer(config, seed=43).score.weight)
+    state = torch.random.get_rng_state()
+    load_scorer(config, seed=42)
+    assert torch.equal(state, torch.random.get_rng_state())  # the caller's stream is left alone
+
+
+def test_an_added_pad_row_is_the_same_for_a_policy_and_its_reference(tiny_model_dir):
+    import torch
+
+    from dialogrl.training.trainer_setup import fit_to_tokenizer
+
+    config = ModelConfig(name_or_path=str(tiny_model_dir))
+    tokenizer = load_tokenizer(config)
+    tokenizer.add_special_tokens({"pad_token": "<|extra_pad|>"})
+    grown = [fit_to_tokenizer(load_causal_lm(config), tokenizer, added_pad=True) for _ in range(2)]
+    rows = [model.get_input_embeddings().weight[-1] for model in grown]
+    assert len(tokenizer) == grown[0].get_input_embeddings().num_embeddings and torch.equal(*rows)

@@ -280,10 +280,12 @@ def _accelerate_launch(config: Path, args: list[str]) -> list[str]:
             "-m", "dialogrl.training.cli", *args]
 
 
-def test_two_processes_reach_the_same_losses_as_one_with_double_accumulation(tiny_model_dir, tmp_path):
-    """Same global batch (2 x 2 rows): losses agree to 1e-5 at every step, and the run really has 2 processes."""
-    data = write_conversations(tmp_path / "sft.jsonl", 16)
-    common = ["sft", "--config", str(_stage_file(tmp_path, "sft")), f"model.name_or_path={tiny_model_dir}",
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_two_processes_reach_the_same_losses_as_one_with_double_accumulation(stage, tiny_model_dir, tmp_path):
+    """Same global batch (2 x 2 rows): losses agree to 1e-5 at every step, and the run really has 2 processes.
+    For reward, both processes must start from the same score head (drawn from the recipe's seed)."""
+    data = write_conversations(tmp_path / "rows.jsonl", 16) if stage == "sft" else write_pairs(tmp_path / "rows.jsonl", 16)
+    common = [stage, "--config", str(_stage_file(tmp_path, stage)), f"model.name_or_path={tiny_model_dir}",
               f"data.train=[{{path: {data}}}]", "data.eval_fraction=0", "tracking.report_to=none",
               "training.max_steps=5", "training.logging_steps=1", "training.per_device_batch_size=2",
               "training.learning_rate=1e-3"]

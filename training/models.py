@@ -11,6 +11,7 @@ Anything that cannot be resolved fails at once with the command to run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,11 +184,14 @@ def load_causal_lm(config: ModelConfig, resolved: ResolvedModel | None = None):
     return model
 
 
-def load_scorer(config: ModelConfig, resolved: ResolvedModel | None = None, *, trained_head: bool = False):
+def load_scorer(config: ModelConfig, resolved: ResolvedModel | None = None, *, trained_head: bool = False,
+                seed: int | None = None):
     """A sequence classifier with one output (reward model, critic); from a causal LM the head starts fresh.
 
     `trained_head`: the scores are used as they are (a reward model scoring), so a checkpoint
     without a trained score head (a causal LM) is refused instead of scoring with random weights.
+    `seed`: a fresh head is drawn from its own generator seeded with it, so every process of a launched
+    run, and every rerun, starts from the same head whatever the global RNG has done before.
     """
     resolved = resolved or resolve_model(config.name_or_path, revision=config.revision)
     if trained_head and not _is_sequence_classifier(config, resolved):
@@ -196,7 +200,22 @@ def load_scorer(config: ModelConfig, resolved: ResolvedModel | None = None, *, t
             "scoring with it would use a randomly initialised score head. Train one with `dialogrl reward` and "
             "give its output directory."
         )
-    return _from_pretrained("AutoModelForSequenceClassification", config, resolved, num_labels=1)
+    if seed is None or _is_sequence_classifier(config, resolved):
+        return _from_pretrained("AutoModelForSequenceClassification", config, resolved, num_labels=1)
+    with seeded_init(seed):
+        return _from_pretrained("AutoModelForSequenceClassification", config, resolved, num_labels=1)
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int):
+    """New weights (a score head, grown embeddings) drawn from `seed` on a forked RNG: the same in every
+    process and rerun, and the caller's random stream left as it was."""
+    import torch
+
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def _architectures(config: ModelConfig, resolved: ResolvedModel) -> list[str]:

@@ -98,7 +98,7 @@ def load_models(recipe: PPORecipe):
     critic = None
     if recipe.ppo.uses_critic:
         critic_source = recipe.critic_from or recipe.reward.model or recipe.model.name_or_path
-        critic = load_scorer(scorer_config(critic_source))
+        critic = load_scorer(scorer_config(critic_source), seed=recipe.ppo.seed)
         if critic.get_input_embeddings().num_embeddings < len(tokenizer):
             critic.resize_token_embeddings(len(tokenizer))
         critic.config.pad_token_id = tokenizer.pad_token_id

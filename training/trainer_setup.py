@@ -74,9 +74,14 @@ def load_training_tokenizer(model: ModelConfig) -> tuple[Any, ChatTokenizer, Res
     return tokenizer, ChatTokenizer(tokenizer, stop_tokens=stop_tokens(model, tokenizer, resolved)), resolved, added
 
 
-def fit_to_tokenizer(model, tokenizer, added_pad: bool):
+def fit_to_tokenizer(model, tokenizer, added_pad: bool, seed: int = 0):
+    """Grow the embeddings for an added pad token (the new row drawn from `seed`, so a policy and its
+    reference, or two processes, get the same one) and record the pad id."""
+    from dialogrl.training.models import seeded_init
+
     if added_pad:
-        model.resize_token_embeddings(len(tokenizer))
+        with seeded_init(seed):
+            model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -92,7 +97,7 @@ def load_policy(recipe: StageRecipe, resolved: ResolvedModel, tokenizer, added_p
 def load_reward_model(recipe: StageRecipe, resolved: ResolvedModel, tokenizer, added_pad: bool):
     from dialogrl.training.models import load_scorer
 
-    return fit_to_tokenizer(load_scorer(recipe.model, resolved), tokenizer, added_pad)
+    return fit_to_tokenizer(load_scorer(recipe.model, resolved, seed=recipe.training.seed), tokenizer, added_pad)
 
 
 def lora_config(lora: LoraOptions, task_type: str):
