@@ -10,7 +10,13 @@ from dialogrl.evaluation.scenarios import Scenario, ScenarioConfig, build_scenar
 from dialogrl.training.config import dump_recipe
 from dialogrl.training.ppo_config import PPORecipe
 from dialogrl.training.ppo_trainer import STATE_FILENAME, ActorCritic, PPOTrainer, summarise_history
-from dialogrl.training.run_lifecycle import Run, run_summary, start_run, write_run_outputs
+from dialogrl.training.run_lifecycle import (
+    Run,
+    distributed_backend,
+    run_summary,
+    start_run,
+    write_run_outputs,
+)
 from dialogrl.training.trainer_setup import (
     fit_to_tokenizer,
     load_training_tokenizer,
@@ -221,6 +227,7 @@ def finish(trainer: PPOTrainer, run: Run) -> dict:
     accelerator.wait_for_everyone()
     history = summarise_history(trainer.history)
     summary = run_summary(run, global_step=trainer.update_index, max_steps=recipe.ppo.updates,
+                          backend=distributed_backend(accelerator),
                           world_size=accelerator.num_processes, tokens_seen=history.pop("tokens_seen", None),
                           train_seconds=history.pop("train_seconds", None), metrics=history,
                           data=episodes_summary(recipe, trainer))

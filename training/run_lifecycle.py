@@ -223,8 +223,27 @@ def checkpoint_rotation_callback(keep: int):
 # --------------------------------------------------------------------------- the end of a run
 
 
+def distributed_backend(accelerator, model=None) -> dict[str, Any]:
+    """How the run was spread over its processes, as accelerate set it up (not as the launch config asked):
+    the distributed type, DeepSpeed's ZeRO stage and the FSDP version, None where they do not apply; under
+    ZeRO-3, the share of `model`'s parameters this process holds (about 1 / world size when really sharded)."""
+    state = accelerator.state
+    deepspeed = getattr(state, "deepspeed_plugin", None)
+    fsdp = getattr(state, "fsdp_plugin", None)
+    backend = {"type": str(getattr(state.distributed_type, "value", state.distributed_type)),
+               "zero_stage": deepspeed.zero_stage if deepspeed is not None else None,
+               "fsdp_version": getattr(fsdp, "fsdp_version", None) if fsdp is not None else None,
+               "parameter_share": None}
+    if model is not None and backend["zero_stage"] == 3:
+        parameters = [p for p in model.parameters() if hasattr(p, "ds_tensor")]
+        total = sum(p.ds_numel for p in parameters)
+        backend["parameter_share"] = round(sum(p.ds_tensor.numel() for p in parameters) / total, 4) if total else None
+    return backend
+
+
 def run_summary(run: Run, *, global_step: int, max_steps: int, world_size: int, tokens_seen: int | None,
-                train_seconds: float | None, metrics: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+                train_seconds: float | None, metrics: dict[str, Any], data: dict[str, Any],
+                backend: dict[str, Any] | None = None) -> dict[str, Any]:
     """run_summary.json, one schema for every stage: `metrics` holds the final value of each metric,
     `data` what the run trained on."""
     return {
@@ -237,6 +256,7 @@ def run_summary(run: Run, *, global_step: int, max_steps: int, world_size: int, 
         "max_steps": max_steps,
         "resumed_from": run.resume_from,
         "world_size": world_size,
+        "distributed": backend,
         "seconds": round(time.perf_counter() - run.started, 1),
         "tokens_seen": tokens_seen,
         "tokens_per_second": round(tokens_seen / train_seconds, 1) if tokens_seen and train_seconds else None,

@@ -27,6 +27,7 @@ from dialogrl.training.run_lifecycle import (
     Run,
     StageError,
     checkpoint_rotation_callback,
+    distributed_backend,
     is_main_process,
     run_summary,
     start_run,
@@ -234,6 +235,7 @@ def finish_run(run: Run, trainer, tokenizer, data_summary: dict[str, Any], metri
     trainer.save_model(str(run.output_dir))  # every process: DeepSpeed and FSDP gather the weights here
     state = trainer.state
     summary = run_summary(run, global_step=state.global_step, max_steps=state.max_steps,
+                          backend=distributed_backend(trainer.accelerator, trainer.model_wrapped),
                           world_size=trainer.accelerator.num_processes, tokens_seen=state.num_input_tokens_seen,
                           train_seconds=metrics.get("train_runtime"), metrics=metrics, data=data_summary)
     if not trainer.accelerator.is_main_process:
