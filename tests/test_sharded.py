@@ -85,3 +85,34 @@ def test_a_sharded_run_on_two_processes_equals_one_process(stage, backend, tiny_
     losses = logged(sharded, "loss")
     assert len(losses) == STEPS and losses == pytest.approx(logged(single, "loss"), abs=1e-5)
     assert torch.allclose(_logits(sharded, stage), _logits(single, stage), atol=1e-4)
+
+
+@pytest.mark.distributed
+def test_ppo_under_zero2_steps_once_per_minibatch_and_clips_as_one_process(tiny_model_dir, tmp_path):
+    """PPO under ZeRO-2 on 2 processes x 4 dialogues against 1 process x 8 (turn_group: no critic, so the
+    engine's one norm is the policy's): two epochs over an update's minibatch are two optimizer steps, the logged
+    gradient norm is the engine's (it was 0, or prepare failed, before), and with ppo.max_grad_norm far
+    below it the second update's scores and losses still match: the engine clipped where one process did."""
+    from test_ppo import metrics
+
+    config = tmp_path / "ppo.yaml"
+    config.write_text("stage: ppo\n")
+    common = ["ppo", "--config", str(config), f"model.name_or_path={tiny_model_dir}", "reward.rm_weight=0",
+              "reward.rule_weight=1", "tracking.report_to=none", "ppo.updates=2", "ppo.epochs=2", "episodes.rounds=2",
+              "sampling.max_new_tokens=6", "sampling.temperature=1.0", "ppo.learning_rate=1e-2",
+              "ppo.max_grad_norm=0.05", "ppo.advantage=turn_group", "ppo.group_size=2",
+              "ppo.generation_batch_size=2", "ppo.scale_by_group_std=false", "responsiveness.enabled=false"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO_ROOT / "recipes" / "accelerate" / "cpu-zero2.yaml"), "-m", "dialogrl.training.cli"]
+    # One minibatch per update (its rows are then the same in both runs), trained for two epochs.
+    _run([*launch, *common, "ppo.episodes_per_update=4", "ppo.minibatch_episodes=4", f"output_dir={tmp_path / 'two'}"])
+    _run([*CLI, *common, "ppo.episodes_per_update=8", "ppo.minibatch_episodes=8", f"output_dir={tmp_path / 'one'}"])
+    summary = json.loads((tmp_path / "two" / "run_summary.json").read_text())
+    assert summary["distributed"]["zero_stage"] == 2 and summary["world_size"] == 2
+    two, one = metrics(tmp_path / "two"), metrics(tmp_path / "one")
+    assert [s["optimizer/steps"] for s in two] == [s["optimizer/steps"] for s in one] == [2, 4]
+    assert one[0]["grad_norm/policy"] > 10 * 0.05  # the clip binds
+    for update_two, update_one in zip(two, one, strict=True):
+        for key in ("reward/score", "kl/episode", "loss/policy", "policy/ratio", "grad_norm/policy"):
+            assert update_two[key] == pytest.approx(update_one[key], rel=1e-4, abs=1e-5), (update_two["update"], key)
+    assert abs(one[1]["kl/episode"]) > 1e-4  # update 2 plays the clipped, trained policy

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from dialogrl.evaluation.evaluate import dialogue_specs
@@ -123,17 +124,38 @@ def responsiveness_scorer(recipe: PPORecipe):
     return build_scorer(recipe.responsiveness, scorer_loader(recipe, recipe.model))
 
 
+def configure_deepspeed(accelerator, recipe: PPORecipe) -> None:
+    """Under DeepSpeed, what the engine needs to step as PPO does: one optimizer step per minibatch
+    (`accelerator.backward` runs the engine's backward and step, so no accumulation inside it), gradients
+    clipped at `ppo.max_grad_norm` (the engine clips, on one norm over every trained parameter: policy and
+    critic together), and a micro-batch size, which `prepare` demands when it is given no dataloader (PPO's
+    batches come from its rollouts; the engine uses the number for its bookkeeping only)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = 1
+    config["gradient_accumulation_steps"] = 1
+    config["gradient_clipping"] = recipe.ppo.max_grad_norm
+
+
 def build(recipe: PPORecipe, *, rule_score_fn: RuleScoreFn | None = None, log=print) -> tuple[PPOTrainer, Run]:
     """The trainer and its run (output directory checked, resume target found, config.yaml saved);
     `rule_score_fn` replaces the gated rule score (tests)."""
     import torch
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import set_seed
 
     run = start_run(recipe, "ppo", STATE_FILENAME)
     trackers = [t for t in run.report_to if t != "none"]
     flags = precision_flags(recipe.precision)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None,
+    # Under a DeepSpeed launch on CPU, cpu=True would quietly make it MULTI_CPU DDP, and a plain cpu=False state
+    # counts one process: the process group is set up first (as on CPU), then the DeepSpeed state on top of it.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    on_cpu = not torch.cuda.is_available()
+    if deepspeed and on_cpu:
+        PartialState(cpu=True)
+    accelerator = Accelerator(cpu=on_cpu and not deepspeed, log_with=trackers or None,
                               project_dir=str(run.output_dir), mixed_precision="bf16" if flags["bf16"] else "no")
     set_seed(recipe.ppo.seed)
     policy, reference, critic, reward_model, reward_chat, tokenizer = load_models(recipe)
@@ -144,6 +166,7 @@ def build(recipe: PPORecipe, *, rule_score_fn: RuleScoreFn | None = None, log=pr
     if critic is not None:
         groups.append({"name": "critic", "params": list(critic.parameters()), "lr": recipe.ppo.critic_learning_rate})
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    configure_deepspeed(accelerator, recipe)
     # One prepare call for everything that trains: DDP, FSDP and DeepSpeed all wrap one module and one optimizer.
     actor_critic, optimizer = accelerator.prepare(actor_critic, optimizer)
     device = accelerator.device

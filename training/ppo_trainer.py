@@ -151,6 +151,7 @@ class PPOTrainer:
                            if self.options.kl_target else ppo_math.FixedKL(self.options.kl_beta))
         self.score_moments = ppo_math.RunningMoments()
         self.update_index = 0
+        self.optimizer_steps = 0  # over the whole run, a resumed one included
         self.history: list[dict[str, float]] = []
 
     # ------------------------------------------------------------------ helpers
@@ -413,13 +414,7 @@ class PPOTrainer:
         if o.entropy_coef:
             loss = loss - o.entropy_coef * torch.where(mask, entropy, 0.0).sum() / max(global_tokens, 1)
         self.accelerator.backward(loss * world)
-        model = self.unwrapped
-        grad_policy = torch.nn.utils.clip_grad_norm_(
-            [p for p in model.policy.parameters() if p.requires_grad], o.max_grad_norm)
-        grad_critic = (torch.nn.utils.clip_grad_norm_([p for p in model.critic.parameters() if p.requires_grad],
-                                                      o.max_grad_norm) if model.critic is not None else None)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_policy, grad_critic = self._clip_and_step()
         local_tokens = mask.sum().item()
         # Chunk means weighted by their tokens, summed over processes: exact global means.
         weighted = self._reduce_sum([
@@ -434,12 +429,35 @@ class PPOTrainer:
             "policy/approx_kl": weighted[2] / tokens, "policy/entropy": weighted[4] / tokens,
             "loss/policy": weighted[5], "grad_norm/policy": float(grad_policy),
         }
+        if values is not None:
+            stats |= {"loss/value": weighted[6], "value/clipfrac": weighted[3] / tokens}
         if grad_critic is not None:
-            stats |= {"loss/value": weighted[6], "value/clipfrac": weighted[3] / tokens,
-                      "grad_norm/critic": float(grad_critic)}
+            stats["grad_norm/critic"] = float(grad_critic)
         if o.kl_in_loss:
             stats["loss/kl"] = weighted[7]
         return stats
+
+    def _clip_and_step(self) -> tuple[float, float | None]:
+        """Clip at `ppo.max_grad_norm` and take the optimizer step; returns the gradient norms before clipping
+        (policy, critic). Under DeepSpeed the engine already clipped and stepped inside `backward` (its
+        parameters hold no `.grad`), on one norm over policy and critic: that norm is the policy's here, and
+        no critic norm is reported."""
+        import torch
+        from accelerate.utils import DistributedType
+
+        o = self.options
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            self.optimizer_steps = self.accelerator.deepspeed_engine_wrapped.engine.global_steps  # the engine's count
+            return float(self.accelerator.clip_grad_norm_(self.model.parameters(), o.max_grad_norm)), None
+        model = self.unwrapped
+        grad_policy = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.policy.parameters() if p.requires_grad], o.max_grad_norm)
+        grad_critic = (torch.nn.utils.clip_grad_norm_([p for p in model.critic.parameters() if p.requires_grad],
+                                                      o.max_grad_norm) if model.critic is not None else None)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_steps += 1
+        return float(grad_policy), None if grad_critic is None else float(grad_critic)
 
     # ------------------------------------------------------------------ loop
 
@@ -458,6 +476,7 @@ class PPOTrainer:
         stats["time/update"] = time.perf_counter() - prepared
         stats["time/total"] = time.perf_counter() - started
         stats["update"] = self.update_index + 1
+        stats["optimizer/steps"] = self.optimizer_steps
         self.update_index += 1
         self.history.append(stats)
         return stats
@@ -468,7 +487,8 @@ class PPOTrainer:
         directory = output_dir / f"checkpoint-{self.update_index}"
         self.accelerator.save_state(str(directory))
         if self.accelerator.is_main_process:
-            state = {"update_index": self.update_index, "kl_beta": self.kl_control.beta,
+            state = {"update_index": self.update_index, "optimizer_steps": self.optimizer_steps,
+                     "kl_beta": self.kl_control.beta,
                      "score_moments": self.score_moments.state_dict(), "history": self.history}
             (directory / STATE_FILENAME).write_text(json.dumps(state) + "\n")
             rotate_checkpoints(output_dir, keep, STATE_FILENAME)
@@ -480,6 +500,7 @@ class PPOTrainer:
         self.accelerator.load_state(str(directory))
         state = json.loads((directory / STATE_FILENAME).read_text())
         self.update_index = state["update_index"]
+        self.optimizer_steps = state.get("optimizer_steps", 0)
         self.kl_control.beta = state["kl_beta"]
         self.score_moments.load_state_dict(state["score_moments"])
         self.history = state["history"]
