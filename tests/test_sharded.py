@@ -116,3 +116,32 @@ def test_ppo_under_zero2_steps_once_per_minibatch_and_clips_as_one_process(tiny_
         for key in ("reward/score", "kl/episode", "loss/policy", "policy/ratio", "grad_norm/policy"):
             assert update_two[key] == pytest.approx(update_one[key], rel=1e-4, abs=1e-5), (update_two["update"], key)
     assert abs(one[1]["kl/episode"]) > 1e-4  # update 2 plays the clipped, trained policy
+
+
+@pytest.mark.distributed
+def test_a_zero3_run_stopped_after_a_checkpoint_resumes_to_the_same_model(tiny_model_dir, tmp_path):
+    """What a run killed between checkpoint-2 and step 4 leaves on disk (checkpoint-2 and no record of the
+    end), rebuilt from a finished run: the rerun loads the sharded DeepSpeed checkpoint and ends with the
+    uninterrupted run's losses and weights."""
+    import shutil
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO_ROOT / "recipes" / "accelerate" / "cpu-zero3.yaml"), "-m", "dialogrl.training.cli"]
+    common = [*_common("sft", tiny_model_dir, tmp_path), "training.save_steps=2"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    _run([*launch, *common, f"output_dir={whole}"])
+    shutil.copytree(whole / "checkpoint-2", cut / "checkpoint-2")
+    for name in ("config.yaml", "fingerprint.json"):
+        shutil.copy(whole / name, cut / name)
+    # A mark only the checkpoint holds: a run that trained from scratch instead of resuming would lack it.
+    state_path = cut / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state["log_history"][0]["written_before_the_stop"] = True
+    state_path.write_text(json.dumps(state))
+    _run([*launch, *common, f"output_dir={cut}"])
+    history = json.loads((cut / "trainer_state.json").read_text())["log_history"]
+    assert history[0].get("written_before_the_stop") is True
+    summary = json.loads((cut / "run_summary.json").read_text())
+    assert summary["resumed_from"] == str(cut / "checkpoint-2") and summary["distributed"]["zero_stage"] == 3
+    assert logged(cut, "loss") == pytest.approx(logged(whole, "loss"), abs=1e-6)
+    assert torch.allclose(_logits(cut, "sft"), _logits(whole, "sft"), atol=1e-5)
