@@ -145,3 +145,32 @@ def test_a_zero3_run_stopped_after_a_checkpoint_resumes_to_the_same_model(tiny_m
     assert summary["resumed_from"] == str(cut / "checkpoint-2") and summary["distributed"]["zero_stage"] == 3
     assert logged(cut, "loss") == pytest.approx(logged(whole, "loss"), abs=1e-6)
     assert torch.allclose(_logits(cut, "sft"), _logits(whole, "sft"), atol=1e-5)
+
+
+@pytest.mark.distributed
+def test_ppo_with_a_critic_under_zero2_matches_one_process(tiny_model_dir, tmp_path):
+    """GAE (policy and critic in one engine), greedy replies, 2 processes x 2 episodes vs 1 x 4, clipping
+    off: the same scores and losses on both updates, and the engine's one gradient norm is the norm of
+    the policy's and the critic's together, as one process measures them."""
+    import math
+
+    from test_ppo import metrics, save_reward_model
+
+    reward_model = save_reward_model(tiny_model_dir, tmp_path / "rm")
+    config = tmp_path / "ppo.yaml"
+    config.write_text("stage: ppo\n")
+    common = ["ppo", "--config", str(config), f"model.name_or_path={tiny_model_dir}", f"reward.model={reward_model}",
+              "tracking.report_to=none", "ppo.updates=2", "ppo.epochs=1", "episodes.rounds=2",
+              "sampling.max_new_tokens=8", "sampling.temperature=0", "ppo.learning_rate=1e-3", "ppo.max_grad_norm=1e6"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO_ROOT / "recipes" / "accelerate" / "cpu-zero2.yaml"), "-m", "dialogrl.training.cli"]
+    _run([*launch, *common, "ppo.episodes_per_update=2", "ppo.minibatch_episodes=2", f"output_dir={tmp_path / 'two'}"])
+    _run([*CLI, *common, "ppo.episodes_per_update=4", "ppo.minibatch_episodes=4", f"output_dir={tmp_path / 'one'}"])
+    two, one = metrics(tmp_path / "two"), metrics(tmp_path / "one")
+    for update_two, update_one in zip(two, one, strict=True):
+        for key in ("reward/score", "kl/episode", "loss/policy", "loss/value", "policy/ratio", "value/clipfrac",
+                    "value/explained_variance", "optimizer/steps"):
+            assert update_two[key] == pytest.approx(update_one[key], rel=1e-4, abs=1e-5), (update_two["update"], key)
+        joint = math.hypot(update_one["grad_norm/policy"], update_one["grad_norm/critic"])
+        assert update_two["grad_norm/policy"] == pytest.approx(joint, rel=1e-4)
+        assert "grad_norm/critic" not in update_two
