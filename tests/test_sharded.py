@@ -174,3 +174,20 @@ def test_ppo_with_a_critic_under_zero2_matches_one_process(tiny_model_dir, tmp_p
         joint = math.hypot(update_one["grad_norm/policy"], update_one["grad_norm/critic"])
         assert update_two["grad_norm/policy"] == pytest.approx(joint, rel=1e-4)
         assert "grad_norm/critic" not in update_two
+
+
+@pytest.mark.distributed
+def test_a_lora_model_merged_under_zero3_is_the_model_trained(tiny_model_dir, tmp_path):
+    """Merging in place under ZeRO-3 wrote a merged/ of empty tensors (from_pretrained refused it); the
+    adapter is now merged into a freshly loaded base. Dropout off, so 1 process with accumulation sees the
+    same computation: the merged model gives its logits."""
+    lora = ["lora.enabled=true", "lora.r=4", "lora.merge=true", "lora.dropout=0", "training.learning_rate=1e-2"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO_ROOT / "recipes" / "accelerate" / "cpu-zero3.yaml"), "-m", "dialogrl.training.cli"]
+    common = [*_common("sft", tiny_model_dir, tmp_path), *lora]
+    _run([*launch, *common, f"output_dir={tmp_path / 'sharded'}"])
+    _run([*CLI, *common, f"output_dir={tmp_path / 'one'}", "training.gradient_accumulation_steps=2"])
+    merged, single = _logits(tmp_path / "sharded" / "merged", "sft"), _logits(tmp_path / "one" / "merged", "sft")
+    base = _logits(tiny_model_dir, "sft")
+    assert torch.allclose(merged, single, atol=1e-4)
+    assert (merged - base).abs().max() > 1e-2  # the adapter changed the model

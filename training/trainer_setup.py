@@ -241,9 +241,38 @@ def finish_run(run: Run, trainer, tokenizer, data_summary: dict[str, Any], metri
     if not trainer.accelerator.is_main_process:
         return summary
     state.save_to_json(str(run.output_dir / TRAINER_STATE_FILENAME))  # the whole log history, for comparisons
-    write_run_outputs(run, summary, model=trainer.accelerator.unwrap_model(trainer.model), tokenizer=tokenizer,
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if run.recipe.lora.enabled and run.recipe.lora.merge and any(hasattr(p, "ds_tensor") for p in model.parameters()):
+        model = adapter_on_whole_base(run, model, tokenizer, trainer.args)
+    write_run_outputs(run, summary, model=model, tokenizer=tokenizer,
                       description="", data_section=data_section(data_summary), extra_card=extra_card)
     return summary
+
+
+def adapter_on_whole_base(run: Run, sharded, tokenizer, training_args):
+    """The adapter just saved in the output directory, on a freshly loaded, unsharded base model.
+
+    Under ZeRO-3 this process holds only its shard of every weight outside a gather, so merging the
+    trained model in place writes empty tensors; the saved adapter (gathered whole by `save_model`) on the
+    base model it was trained from merges into what was trained. The base is loaded with transformers'
+    ZeRO-3 setting switched off: loaded under it, it would be partitioned, and this process (the main one,
+    alone) would wait for the others in the first gather.
+    """
+    from peft import PeftModel
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    from dialogrl.training.models import load_causal_lm, load_scorer
+
+    scorer = type(sharded.get_base_model()).__name__.endswith("ForSequenceClassification")
+    unset_hf_deepspeed_config()
+    try:
+        base = (load_scorer(run.recipe.model, seed=run.recipe.training.seed) if scorer
+                else load_causal_lm(run.recipe.model))
+        added_pad = base.get_input_embeddings().num_embeddings < len(tokenizer)
+        return PeftModel.from_pretrained(fit_to_tokenizer(base, tokenizer, added_pad), str(run.output_dir))
+    finally:
+        if getattr(training_args, "hf_deepspeed_config", None) is not None:
+            set_hf_deepspeed_config(training_args.hf_deepspeed_config)
 
 
 def final_log_metrics(trainer) -> dict[str, float]:
