@@ -6,7 +6,7 @@ records both: the recipe as flattened `dotted.key: value` pairs, and an identity
 for every path the recipe names:
 
 - a dialogrl output (a directory, or a file inside one, whose record
-  `run_summary.json`, `manifest.json` or `report.json` carries an `output_id`):
+  `run_summary.json` or `manifest.json` carries an `output_id`):
   that id, new each time the output is written, so whatever was made from an
   older copy is stale even when the recipe that rebuilt it is the same;
 - any other file: its sha256 (size and mtime beyond `HASHED_FILE_LIMIT`);
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 FINGERPRINT_FILENAME = "fingerprint.json"
-RECORD_FILENAMES = ("run_summary.json", "manifest.json", "report.json")
+RECORD_FILENAMES = ("run_summary.json", "manifest.json")
 IGNORED_KEYS = ("output_dir", "resume", "tracking")
 HASHED_FILE_LIMIT = 512 * 2**20
 _RECORD_SEARCH_DEPTH = 2  # a file in an output (data/sft.jsonl) or its merged/ model: up to the grandparent

@@ -158,7 +158,7 @@ def run_step(step: PipelineStep, stage_recipe: Any, step_dir: Path, log=print) -
         log(f"[{step.name}] skipped: outputs complete for this recipe and inputs in {step_dir}")
         return {"name": step.name, "stage": step.stage, "skipped": True, "dir": str(step_dir)}
     before = read_fingerprint(step_dir)
-    if step_dir.exists() and (before is None or before.digest != current.digest):
+    if step_dir.is_dir() and any(step_dir.iterdir()) and (before is None or before.digest != current.digest):
         changes = current.changes_from(before) if before is not None else ["(no fingerprint.json: unknown recipe)"]
         log(f"[{step.name}] outputs in {step_dir} are from another recipe or other inputs; training from scratch. "
             f"Changed: {'; '.join(changes)}")
