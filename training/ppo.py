@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from dialogrl.evaluation.evaluate import dialogue_specs
 from dialogrl.evaluation.scenarios import Scenario, ScenarioConfig, build_scenarios
 from dialogrl.training.config import dump_recipe
+from dialogrl.training.launch_backend import engage_launch_backend, unsharded_loading
 from dialogrl.training.ppo_config import PPORecipe
 from dialogrl.training.ppo_trainer import STATE_FILENAME, ActorCritic, PPOTrainer, summarise_history
 from dialogrl.training.run_lifecycle import (
@@ -19,7 +19,9 @@ from dialogrl.training.run_lifecycle import (
     write_run_outputs,
 )
 from dialogrl.training.trainer_setup import (
+    adapter_on_whole_base,
     fit_to_tokenizer,
+    holds_shards,
     load_training_tokenizer,
     lora_config,
     precision_flags,
@@ -89,7 +91,8 @@ def load_models(recipe: PPORecipe):
 
         policy = get_peft_model(policy, lora_config(recipe.lora, "CAUSAL_LM"))
     else:
-        reference = fit_to_tokenizer(load_causal_lm(recipe.model, resolved), tokenizer, added_pad)
+        with unsharded_loading():  # never trained, so never handed to DeepSpeed: each process holds it whole
+            reference = fit_to_tokenizer(load_causal_lm(recipe.model, resolved), tokenizer, added_pad)
         reference = reference.eval().requires_grad_(False)
 
     def scorer_config(path: str) -> ModelConfig:
@@ -100,8 +103,9 @@ def load_models(recipe: PPORecipe):
     if recipe.reward.model and recipe.reward.rm_weight:
         # The reward model reads the dialogue with its own tokenizer and template: it may differ from the policy's.
         reward_tokenizer, reward_chat, rm_resolved, rm_added = load_training_tokenizer(scorer_config(recipe.reward.model))
-        reward_model = fit_to_tokenizer(load_scorer(scorer_config(recipe.reward.model), rm_resolved, trained_head=True),
-                                        reward_tokenizer, rm_added).eval().requires_grad_(False)
+        with unsharded_loading():
+            reward_model = load_scorer(scorer_config(recipe.reward.model), rm_resolved, trained_head=True)
+        reward_model = fit_to_tokenizer(reward_model, reward_tokenizer, rm_added).eval().requires_grad_(False)
     critic = None
     if recipe.ppo.uses_critic:
         critic_source = recipe.critic_from or recipe.reward.model or recipe.model.name_or_path
@@ -143,20 +147,15 @@ def build(recipe: PPORecipe, *, rule_score_fn: RuleScoreFn | None = None, log=pr
     """The trainer and its run (output directory checked, resume target found, config.yaml saved);
     `rule_score_fn` replaces the gated rule score (tests)."""
     import torch
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     run = start_run(recipe, "ppo", STATE_FILENAME)
     trackers = [t for t in run.report_to if t != "none"]
     flags = precision_flags(recipe.precision)
-    # Under a DeepSpeed launch on CPU, cpu=True would quietly make it MULTI_CPU DDP, and a plain cpu=False state
-    # counts one process: the process group is set up first (as on CPU), then the DeepSpeed state on top of it.
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    on_cpu = not torch.cuda.is_available()
-    if deepspeed and on_cpu:
-        PartialState(cpu=True)
-    accelerator = Accelerator(cpu=on_cpu and not deepspeed, log_with=trackers or None,
-                              project_dir=str(run.output_dir), mixed_precision="bf16" if flags["bf16"] else "no")
+    cpu = engage_launch_backend()
+    accelerator = Accelerator(cpu=cpu, log_with=trackers or None, project_dir=str(run.output_dir),
+                              mixed_precision="bf16" if flags["bf16"] else "no")
     set_seed(recipe.ppo.seed)
     policy, reference, critic, reward_model, reward_chat, tokenizer = load_models(recipe)
     actor_critic = ActorCritic(policy, critic)
@@ -250,13 +249,18 @@ def finish(trainer: PPOTrainer, run: Run) -> dict:
     accelerator.wait_for_everyone()
     history = summarise_history(trainer.history)
     summary = run_summary(run, global_step=trainer.update_index, max_steps=recipe.ppo.updates,
-                          backend=distributed_backend(accelerator),
+                          backend=distributed_backend(accelerator, trainer.model),
                           world_size=accelerator.num_processes, tokens_seen=history.pop("tokens_seen", None),
                           train_seconds=history.pop("train_seconds", None), metrics=history,
                           data=episodes_summary(recipe, trainer))
+    # Every process takes part: ZeRO-3 and FSDP gather the whole weights here (the main process receives them).
+    weights = accelerator.get_state_dict(trainer.model)
     if accelerator.is_main_process:
         policy = trainer.unwrapped.policy
-        policy.save_pretrained(str(run.output_dir))
+        policy.save_pretrained(str(run.output_dir), state_dict={
+            name.removeprefix("policy."): tensor for name, tensor in weights.items() if name.startswith("policy.")})
+        if recipe.lora.enabled and recipe.lora.merge and holds_shards(policy):
+            policy = adapter_on_whole_base(run, policy, trainer.tokenizer)
         write_run_outputs(run, summary, model=policy, tokenizer=trainer.tokenizer,
                           description=describe_run(recipe, summary), data_section=data_section(summary["data"]),
                           extra_card=first_and_last_table(trainer.history))

@@ -53,6 +53,7 @@ from torch import nn
 from dialogrl.evaluation.rollout import DialogueSpec, RolloutEngine, Trajectory
 from dialogrl.evaluation.scenarios import Scenario
 from dialogrl.training import ppo_math
+from dialogrl.training.launch_backend import whole_weights
 from dialogrl.training.ppo_config import PPORecipe
 from dialogrl.training.run_lifecycle import rotate_checkpoints
 from dialogrl.training.turn_scores import TurnScorer
@@ -465,9 +466,10 @@ class PPOTrainer:
         """One PPO update: rollout, prepare, train. Returns the logged statistics."""
         started = time.perf_counter()
         self.unwrapped.eval()  # no dropout anywhere, also while training (see ppo notes)
-        rollout = self.rollout()
-        rollout_seconds = time.perf_counter() - started
-        stats = self.prepare_batch(rollout)
+        with whole_weights(self.accelerator, self.model):
+            rollout = self.rollout()
+            rollout_seconds = time.perf_counter() - started
+            stats = self.prepare_batch(rollout)
         prepared = time.perf_counter()
         stats |= self.train_on(rollout)
         stats |= self.kl_stats(rollout)

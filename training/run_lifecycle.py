@@ -226,7 +226,8 @@ def checkpoint_rotation_callback(keep: int):
 def distributed_backend(accelerator, model=None) -> dict[str, Any]:
     """How the run was spread over its processes, as accelerate set it up (not as the launch config asked):
     the distributed type, DeepSpeed's ZeRO stage and the FSDP version, None where they do not apply; under
-    ZeRO-3, the share of `model`'s parameters this process holds (about 1 / world size when really sharded)."""
+    ZeRO-3 and FSDP, the share of `model`'s parameters this process holds (about 1 / world size when really
+    sharded)."""
     state = accelerator.state
     deepspeed = getattr(state, "deepspeed_plugin", None)
     fsdp = getattr(state, "fsdp_plugin", None)
@@ -238,6 +239,11 @@ def distributed_backend(accelerator, model=None) -> dict[str, Any]:
         parameters = [p for p in model.parameters() if hasattr(p, "ds_tensor")]
         total = sum(p.ds_numel for p in parameters)
         backend["parameter_share"] = round(sum(p.ds_tensor.numel() for p in parameters) / total, 4) if total else None
+    elif model is not None and backend["fsdp_version"] is not None:
+        parameters = list(model.parameters())  # FSDP2 keeps each as a DTensor, its local shard behind to_local()
+        total = sum(p.numel() for p in parameters)
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in parameters)
+        backend["parameter_share"] = round(local / total, 4) if total else None
     return backend
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dialogrl.data.chat_tokens import ChatTokenizer
+from dialogrl.training import launch_backend
 from dialogrl.training.models import (
     ModelConfig,
     ResolvedModel,
@@ -165,6 +166,7 @@ def trl_arguments(config_cls: type, run: Run, *, has_eval: bool, **stage_args: A
         "include_num_input_tokens_seen": "non_padding",
         "dataset_num_proc": None,
         **precision_flags(t.precision),
+        **launch_backend.trainer_arguments(),
         **stage_args,
         **t.trainer_args,
     }
@@ -187,6 +189,7 @@ def prepare_stage(recipe: StageRecipe, stage: str, log=print) -> StageInputs:
     """Start the run, load the tokenizer, read and tokenise the stage's rows, report what was set aside."""
     from dialogrl.training.train_data import describe_data, prepare_data
 
+    launch_backend.engage_launch_backend()  # before the Trainer builds its Accelerator: FSDP on CPU launches too
     run = start_run(recipe, stage)
     tokenizer, chat, resolved, added_pad = load_training_tokenizer(recipe.model)
     data = prepare_data(recipe.data, stage, chat, run.output_dir, write_rejects=is_main_process())
@@ -242,37 +245,37 @@ def finish_run(run: Run, trainer, tokenizer, data_summary: dict[str, Any], metri
         return summary
     state.save_to_json(str(run.output_dir / TRAINER_STATE_FILENAME))  # the whole log history, for comparisons
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if run.recipe.lora.enabled and run.recipe.lora.merge and any(hasattr(p, "ds_tensor") for p in model.parameters()):
-        model = adapter_on_whole_base(run, model, tokenizer, trainer.args)
+    if run.recipe.lora.enabled and run.recipe.lora.merge and holds_shards(model):
+        model = adapter_on_whole_base(run, model, tokenizer)
     write_run_outputs(run, summary, model=model, tokenizer=tokenizer,
                       description="", data_section=data_section(data_summary), extra_card=extra_card)
     return summary
 
 
-def adapter_on_whole_base(run: Run, sharded, tokenizer, training_args):
+def holds_shards(model) -> bool:
+    """This process holds only its part of the weights: ZeRO-3 partitions (`ds_tensor`) or FSDP2 DTensors."""
+    return any(hasattr(p, "ds_tensor") or hasattr(p, "device_mesh") for p in model.parameters())
+
+
+def adapter_on_whole_base(run: Run, sharded, tokenizer):
     """The adapter just saved in the output directory, on a freshly loaded, unsharded base model.
 
     Under ZeRO-3 this process holds only its shard of every weight outside a gather, so merging the
-    trained model in place writes empty tensors; the saved adapter (gathered whole by `save_model`) on the
-    base model it was trained from merges into what was trained. The base is loaded with transformers'
-    ZeRO-3 setting switched off: loaded under it, it would be partitioned, and this process (the main one,
-    alone) would wait for the others in the first gather.
+    trained model in place writes empty tensors; under FSDP2 the merge is a DTensor operation that waits
+    for the other processes, which are not merging (a hang). The saved adapter (gathered whole by
+    `save_model`) on the base model it was trained from merges into what was trained. The base is loaded
+    whole: partitioned, this process (the main one, alone) would wait for the others in the first gather.
     """
     from peft import PeftModel
-    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
     from dialogrl.training.models import load_causal_lm, load_scorer
 
     scorer = type(sharded.get_base_model()).__name__.endswith("ForSequenceClassification")
-    unset_hf_deepspeed_config()
-    try:
+    with launch_backend.unsharded_loading():
         base = (load_scorer(run.recipe.model, seed=run.recipe.training.seed) if scorer
                 else load_causal_lm(run.recipe.model))
-        added_pad = base.get_input_embeddings().num_embeddings < len(tokenizer)
-        return PeftModel.from_pretrained(fit_to_tokenizer(base, tokenizer, added_pad), str(run.output_dir))
-    finally:
-        if getattr(training_args, "hf_deepspeed_config", None) is not None:
-            set_hf_deepspeed_config(training_args.hf_deepspeed_config)
+    added_pad = base.get_input_embeddings().num_embeddings < len(tokenizer)
+    return PeftModel.from_pretrained(fit_to_tokenizer(base, tokenizer, added_pad), str(run.output_dir))
 
 
 def final_log_metrics(trainer) -> dict[str, float]:
