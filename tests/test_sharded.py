@@ -44,16 +44,17 @@ def _run(command: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def one_process(tiny_model_dir, tmp_path_factory):
-    """stage -> output dir of its 1-process run (2 accumulation steps), made once per stage."""
-    made: dict[str, Path] = {}
+    """(stage, overrides) -> output dir of its 1-process run (2 accumulation steps), made once each."""
+    made: dict[tuple, Path] = {}
 
-    def get(stage: str) -> Path:
-        if stage not in made:
+    def get(stage: str, *overrides: str) -> Path:
+        key = (stage, *overrides)
+        if key not in made:
             tmp = tmp_path_factory.mktemp(f"one-{stage}")
-            _run([*CLI, *_common(stage, tiny_model_dir, tmp), f"output_dir={tmp / 'out'}",
+            _run([*CLI, *_common(stage, tiny_model_dir, tmp), *overrides, f"output_dir={tmp / 'out'}",
                   "training.gradient_accumulation_steps=2"])
-            made[stage] = tmp / "out"
-        return made[stage]
+            made[key] = tmp / "out"
+        return made[key]
 
     return get
 
@@ -90,6 +91,30 @@ def test_a_sharded_run_on_two_processes_equals_one_process(stage, backend, tiny_
     losses = logged(sharded, "loss")
     assert len(losses) == STEPS and losses == pytest.approx(logged(single, "loss"), abs=1e-5)
     assert torch.allclose(_logits(sharded, stage), _logits(single, stage), atol=1e-4)
+
+
+LORA = ("lora.enabled=true", "lora.r=4", "lora.merge=true", "lora.dropout=0")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
+@pytest.mark.parametrize("reference", ["precomputed", "lora"])
+def test_dpo_reference_modes_sharded_equal_one_process(reference, backend, tiny_model_dir, tmp_path, one_process):
+    """The two DPO references the stage test above does not use (it trains against a frozen copy):
+    log-probs precomputed once before training, and the base with the LoRA adapter switched off; with
+    LoRA the adapter is merged on a whole base."""
+    overrides = ("reference=precomputed",) if reference == "precomputed" else LORA
+    sharded = tmp_path / "sharded"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO_ROOT / "recipes" / "accelerate" / f"cpu-{backend}.yaml"), "-m", "dialogrl.training.cli"]
+    _run([*launch, *_common("dpo", tiny_model_dir, tmp_path), *overrides, f"output_dir={sharded}"])
+    single = one_process("dpo", *overrides)
+    assert json.loads((sharded / "run_summary.json").read_text())["distributed"]["parameter_share"] < 0.6
+    losses = logged(sharded, "loss")
+    assert len(losses) == STEPS and losses == pytest.approx(logged(single, "loss"), abs=1e-5)
+    assert losses[-1] < losses[0]
+    model = "merged" if reference == "lora" else "."
+    assert torch.allclose(_logits(sharded / model, "dpo"), _logits(single / model, "dpo"), atol=1e-4)
 
 
 @pytest.mark.distributed
@@ -197,17 +222,47 @@ def test_ppo_with_a_critic_sharded_matches_one_process(backend, tiny_model_dir, 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
-def test_a_lora_model_merged_under_sharding_is_the_model_trained(backend, tiny_model_dir, tmp_path):
-    """Merging in place under ZeRO-3 wrote a merged/ of empty tensors (from_pretrained refused it); the
-    adapter is now merged into a freshly loaded base. Dropout off, so 1 process with accumulation sees the
-    same computation: the merged model gives its logits."""
-    lora = ["lora.enabled=true", "lora.r=4", "lora.merge=true", "lora.dropout=0", "training.learning_rate=1e-2"]
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_a_lora_model_merged_under_sharding_is_the_model_trained(stage, backend, tiny_model_dir, tmp_path):
+    """Merging in place under ZeRO-3 wrote a merged/ of empty tensors (from_pretrained refused it), and
+    under FSDP2 hung (a DTensor merge on the main process alone); the adapter is now merged into a freshly
+    loaded base. Dropout off, so 1 process with accumulation sees the same computation: the merged model
+    gives its logits (for reward, the scores of the seeded, trained head)."""
+    lora = [*LORA, "training.learning_rate=1e-2"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(REPO_ROOT / "recipes" / "accelerate" / f"cpu-{backend}.yaml"), "-m", "dialogrl.training.cli"]
-    common = [*_common("sft", tiny_model_dir, tmp_path), *lora]
+    common = [*_common(stage, tiny_model_dir, tmp_path), *lora]
     _run([*launch, *common, f"output_dir={tmp_path / 'sharded'}"])
     _run([*CLI, *common, f"output_dir={tmp_path / 'one'}", "training.gradient_accumulation_steps=2"])
-    merged, single = _logits(tmp_path / "sharded" / "merged", "sft"), _logits(tmp_path / "one" / "merged", "sft")
-    base = _logits(tiny_model_dir, "sft")
+    merged, single = _logits(tmp_path / "sharded" / "merged", stage), _logits(tmp_path / "one" / "merged", stage)
     assert torch.allclose(merged, single, atol=1e-4)
-    assert (merged - base).abs().max() > 1e-2  # the adapter changed the model
+    if stage == "sft":
+        assert (merged - _logits(tiny_model_dir, stage)).abs().max() > 1e-2  # the adapter changed the model
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
+def test_ppo_with_lora_sharded_matches_one_process_and_merges(backend, tiny_model_dir, tmp_path):
+    """LoRA PPO: the reference is the policy with its adapter switched off, inside the gathered rollout
+    passes; the saved adapter, merged on a whole base, is the one process's model."""
+    from test_ppo import metrics
+
+    config = tmp_path / "ppo.yaml"
+    config.write_text("stage: ppo\n")
+    common = ["ppo", "--config", str(config), f"model.name_or_path={tiny_model_dir}", "reward.rm_weight=0",
+              "reward.rule_weight=1", "tracking.report_to=none", "ppo.updates=2", "ppo.epochs=1", "episodes.rounds=2",
+              "sampling.max_new_tokens=6", "sampling.temperature=1.0", "ppo.learning_rate=5e-2",
+              "ppo.advantage=turn_group", "ppo.group_size=2", "ppo.generation_batch_size=2",
+              "ppo.scale_by_group_std=false", "responsiveness.enabled=false", *LORA]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO_ROOT / "recipes" / "accelerate" / f"cpu-{backend}.yaml"), "-m", "dialogrl.training.cli"]
+    _run([*launch, *common, "ppo.episodes_per_update=4", "ppo.minibatch_episodes=4", f"output_dir={tmp_path / 'two'}"])
+    _run([*CLI, *common, "ppo.episodes_per_update=8", "ppo.minibatch_episodes=8", f"output_dir={tmp_path / 'one'}"])
+    two, one = metrics(tmp_path / "two"), metrics(tmp_path / "one")
+    for update_two, update_one in zip(two, one, strict=True):
+        for key in ("reward/score", "kl/episode", "loss/policy", "policy/ratio"):
+            assert update_two[key] == pytest.approx(update_one[key], rel=1e-4, abs=1e-5), (update_two["update"], key)
+    assert abs(one[1]["kl/episode"]) > 1e-4  # the adapter moved the policy away from its base
+    merged = _logits(tmp_path / "two" / "merged", "sft")
+    assert torch.allclose(merged, _logits(tmp_path / "one" / "merged", "sft"), atol=1e-4)
+    assert (merged - _logits(tiny_model_dir, "sft")).abs().max() > 1e-3

@@ -7,7 +7,9 @@ for. The loss covers the compared reply and its end token only.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from dialogrl.data.options import option
@@ -68,10 +70,38 @@ def pretokenized_dpo_trainer():
     return PretokenizedDPOTrainer
 
 
+REFERENCE_CACHE_DIRNAME = "reference-logps"
+
+
+def on_disk(dataset, directory: Path):
+    """`dataset` memory-mapped from files in `directory`, written once by the main process.
+
+    TRL's precomputed reference writes its log-probs next to the dataset's cache files (main process)
+    and every process reads them back; an in-memory dataset has none, so each process looks in its own
+    temporary directory and the others find nothing. The directory is in output_dir, which every process
+    sees (TRL assumes the same).
+    """
+    from accelerate import PartialState
+    from datasets import load_from_disk
+
+    state = PartialState()
+    if state.is_main_process:
+        if directory.exists():
+            shutil.rmtree(directory)
+        dataset.save_to_disk(str(directory))
+    state.wait_for_everyone()
+    return load_from_disk(str(directory))
+
+
 def build(recipe: DPORecipe, log=print) -> StageParts:
     from trl import DPOConfig
 
     inputs = prepare_stage(recipe, "dpo", log)
+    if recipe.reference == "precomputed":
+        cache = inputs.run.output_dir / REFERENCE_CACHE_DIRNAME
+        inputs.data.train = on_disk(inputs.data.train, cache / "train")
+        if inputs.data.eval is not None:
+            inputs.data.eval = on_disk(inputs.data.eval, cache / "eval")
     model = load_policy(recipe, inputs.resolved, inputs.tokenizer, inputs.added_pad)
     reference = None
     if recipe.reference in ("copy", "auto") and not recipe.lora.enabled:
