@@ -36,6 +36,35 @@ def _common(stage: str, tiny_model_dir: Path, tmp_path: Path) -> list[str]:
             "training.per_device_batch_size=2", "training.learning_rate=1e-3"]
 
 
+def _launch(backend: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(REPO_ROOT / "recipes" / "accelerate" / f"cpu-{backend}.yaml"), "-m", "dialogrl.training.cli"]
+
+
+def _ppo_args(tiny_model_dir: Path, tmp_path: Path, *overrides: str) -> list[str]:
+    config = tmp_path / "ppo.yaml"
+    config.write_text("stage: ppo\n")
+    return ["ppo", "--config", str(config), f"model.name_or_path={tiny_model_dir}", "tracking.report_to=none",
+            "ppo.updates=2", "episodes.rounds=2", *overrides]
+
+
+# Sampled replies, rule reward only, no critic: PPO's group mode with one norm (the policy's) to compare.
+SAMPLED_TURN_GROUP = ("reward.rm_weight=0", "reward.rule_weight=1", "sampling.max_new_tokens=6",
+                      "sampling.temperature=1.0", "ppo.advantage=turn_group", "ppo.group_size=2",
+                      "ppo.generation_batch_size=2", "ppo.scale_by_group_std=false", "responsiveness.enabled=false")
+
+
+def _ppo_on_two_processes_and_one(backend: str, args: list[str], episodes: int, tmp_path: Path):
+    """Metrics of PPO on 2 processes x `episodes` and on 1 x twice as many, one minibatch per update
+    (its rows are then the same in both runs); the runs are in tmp_path/two and tmp_path/one."""
+    from test_ppo import metrics
+
+    for command, n, name in ((_launch(backend), episodes, "two"), (CLI, 2 * episodes, "one")):
+        _run([*command, *args, f"ppo.episodes_per_update={n}", f"ppo.minibatch_episodes={n}",
+              f"output_dir={tmp_path / name}"])
+    return metrics(tmp_path / "two"), metrics(tmp_path / "one")
+
+
 def _run(command: list[str]) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -73,8 +102,7 @@ def _logits(model_dir: Path, stage: str) -> torch.Tensor:
 @pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
 def test_a_sharded_run_on_two_processes_equals_one_process(stage, backend, tiny_model_dir, tmp_path, one_process):
     sharded = tmp_path / "sharded"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(REPO_ROOT / "recipes" / "accelerate" / f"cpu-{backend}.yaml"), "-m", "dialogrl.training.cli"]
+    launch = _launch(backend)
     _run([*launch, *_common(stage, tiny_model_dir, tmp_path), f"output_dir={sharded}"])
     single = one_process(stage)
 
@@ -105,8 +133,7 @@ def test_dpo_reference_modes_sharded_equal_one_process(reference, backend, tiny_
     LoRA the adapter is merged on a whole base."""
     overrides = ("reference=precomputed",) if reference == "precomputed" else LORA
     sharded = tmp_path / "sharded"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(REPO_ROOT / "recipes" / "accelerate" / f"cpu-{backend}.yaml"), "-m", "dialogrl.training.cli"]
+    launch = _launch(backend)
     _run([*launch, *_common("dpo", tiny_model_dir, tmp_path), *overrides, f"output_dir={sharded}"])
     single = one_process("dpo", *overrides)
     assert json.loads((sharded / "run_summary.json").read_text())["distributed"]["parameter_share"] < 0.6
@@ -126,25 +153,13 @@ def test_ppo_sharded_steps_once_per_minibatch_and_clips_as_one_process(backend, 
     ppo.max_grad_norm far below it the second update's scores and losses still match: the backend clipped
     where one process did. Sampled replies of different lengths make the two processes call the model a
     different number of times: under ZeRO-3 and FSDP2 this hung until rollouts gathered the weights once."""
-    from test_ppo import metrics
-
-    config = tmp_path / "ppo.yaml"
-    config.write_text("stage: ppo\n")
-    common = ["ppo", "--config", str(config), f"model.name_or_path={tiny_model_dir}", "reward.rm_weight=0",
-              "reward.rule_weight=1", "tracking.report_to=none", "ppo.updates=2", "ppo.epochs=2", "episodes.rounds=2",
-              "sampling.max_new_tokens=6", "sampling.temperature=1.0", "ppo.learning_rate=1e-2",
-              "ppo.max_grad_norm=0.05", "ppo.advantage=turn_group", "ppo.group_size=2",
-              "ppo.generation_batch_size=2", "ppo.scale_by_group_std=false", "responsiveness.enabled=false"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(REPO_ROOT / "recipes" / "accelerate" / f"cpu-{backend}.yaml"), "-m", "dialogrl.training.cli"]
-    # One minibatch per update (its rows are then the same in both runs), trained for two epochs.
-    _run([*launch, *common, "ppo.episodes_per_update=4", "ppo.minibatch_episodes=4", f"output_dir={tmp_path / 'two'}"])
-    _run([*CLI, *common, "ppo.episodes_per_update=8", "ppo.minibatch_episodes=8", f"output_dir={tmp_path / 'one'}"])
+    args = _ppo_args(tiny_model_dir, tmp_path, *SAMPLED_TURN_GROUP, "ppo.epochs=2", "ppo.learning_rate=1e-2",
+                     "ppo.max_grad_norm=0.05")
+    two, one = _ppo_on_two_processes_and_one(backend, args, 4, tmp_path)
     summary = json.loads((tmp_path / "two" / "run_summary.json").read_text())
     assert summary["distributed"]["type"] == BACKENDS[backend] and summary["world_size"] == 2
     if backend != "zero2":
         assert summary["distributed"]["parameter_share"] == pytest.approx(0.5, abs=0.01)
-    two, one = metrics(tmp_path / "two"), metrics(tmp_path / "one")
     assert [s["optimizer/steps"] for s in two] == [s["optimizer/steps"] for s in one] == [2, 4]
     assert one[0]["grad_norm/policy"] > 10 * 0.05  # the clip binds
     for update_two, update_one in zip(two, one, strict=True):
@@ -161,8 +176,7 @@ def test_a_sharded_run_stopped_after_a_checkpoint_resumes_to_the_same_model(back
     and optimizer files) and ends with the uninterrupted run's losses and weights."""
     import shutil
 
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(REPO_ROOT / "recipes" / "accelerate" / f"cpu-{backend}.yaml"), "-m", "dialogrl.training.cli"]
+    launch = _launch(backend)
     common = [*_common("sft", tiny_model_dir, tmp_path), "training.save_steps=2"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     _run([*launch, *common, f"output_dir={whole}"])
@@ -193,19 +207,13 @@ def test_ppo_with_a_critic_sharded_matches_one_process(backend, tiny_model_dir, 
     process does. The saved policy (gathered from the shards) is the one process's."""
     import math
 
-    from test_ppo import metrics, save_reward_model
+    from test_ppo import save_reward_model
 
     reward_model = save_reward_model(tiny_model_dir, tmp_path / "rm")
-    config = tmp_path / "ppo.yaml"
-    config.write_text("stage: ppo\n")
-    common = ["ppo", "--config", str(config), f"model.name_or_path={tiny_model_dir}", f"reward.model={reward_model}",
-              "tracking.report_to=none", "ppo.updates=2", "ppo.epochs=1", "episodes.rounds=2",
-              "sampling.max_new_tokens=8", "sampling.temperature=0", "ppo.learning_rate=1e-3", "ppo.max_grad_norm=1e6"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(REPO_ROOT / "recipes" / "accelerate" / f"cpu-{backend}.yaml"), "-m", "dialogrl.training.cli"]
-    _run([*launch, *common, "ppo.episodes_per_update=2", "ppo.minibatch_episodes=2", f"output_dir={tmp_path / 'two'}"])
-    _run([*CLI, *common, "ppo.episodes_per_update=4", "ppo.minibatch_episodes=4", f"output_dir={tmp_path / 'one'}"])
-    two, one = metrics(tmp_path / "two"), metrics(tmp_path / "one")
+    args = _ppo_args(tiny_model_dir, tmp_path, f"reward.model={reward_model}", "ppo.epochs=1",
+                     "sampling.max_new_tokens=8", "sampling.temperature=0", "ppo.learning_rate=1e-3",
+                     "ppo.max_grad_norm=1e6")
+    two, one = _ppo_on_two_processes_and_one(backend, args, 2, tmp_path)
     for update_two, update_one in zip(two, one, strict=True):
         for key in ("reward/score", "kl/episode", "loss/policy", "loss/value", "policy/ratio", "value/clipfrac",
                     "value/explained_variance", "optimizer/steps"):
@@ -229,8 +237,7 @@ def test_a_lora_model_merged_under_sharding_is_the_model_trained(stage, backend,
     loaded base. Dropout off, so 1 process with accumulation sees the same computation: the merged model
     gives its logits (for reward, the scores of the seeded, trained head)."""
     lora = [*LORA, "training.learning_rate=1e-2"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(REPO_ROOT / "recipes" / "accelerate" / f"cpu-{backend}.yaml"), "-m", "dialogrl.training.cli"]
+    launch = _launch(backend)
     common = [*_common(stage, tiny_model_dir, tmp_path), *lora]
     _run([*launch, *common, f"output_dir={tmp_path / 'sharded'}"])
     _run([*CLI, *common, f"output_dir={tmp_path / 'one'}", "training.gradient_accumulation_steps=2"])
@@ -245,20 +252,8 @@ def test_a_lora_model_merged_under_sharding_is_the_model_trained(stage, backend,
 def test_ppo_with_lora_sharded_matches_one_process_and_merges(backend, tiny_model_dir, tmp_path):
     """LoRA PPO: the reference is the policy with its adapter switched off, inside the gathered rollout
     passes; the saved adapter, merged on a whole base, is the one process's model."""
-    from test_ppo import metrics
-
-    config = tmp_path / "ppo.yaml"
-    config.write_text("stage: ppo\n")
-    common = ["ppo", "--config", str(config), f"model.name_or_path={tiny_model_dir}", "reward.rm_weight=0",
-              "reward.rule_weight=1", "tracking.report_to=none", "ppo.updates=2", "ppo.epochs=1", "episodes.rounds=2",
-              "sampling.max_new_tokens=6", "sampling.temperature=1.0", "ppo.learning_rate=5e-2",
-              "ppo.advantage=turn_group", "ppo.group_size=2", "ppo.generation_batch_size=2",
-              "ppo.scale_by_group_std=false", "responsiveness.enabled=false", *LORA]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(REPO_ROOT / "recipes" / "accelerate" / f"cpu-{backend}.yaml"), "-m", "dialogrl.training.cli"]
-    _run([*launch, *common, "ppo.episodes_per_update=4", "ppo.minibatch_episodes=4", f"output_dir={tmp_path / 'two'}"])
-    _run([*CLI, *common, "ppo.episodes_per_update=8", "ppo.minibatch_episodes=8", f"output_dir={tmp_path / 'one'}"])
-    two, one = metrics(tmp_path / "two"), metrics(tmp_path / "one")
+    args = _ppo_args(tiny_model_dir, tmp_path, *SAMPLED_TURN_GROUP, *LORA, "ppo.epochs=1", "ppo.learning_rate=5e-2")
+    two, one = _ppo_on_two_processes_and_one(backend, args, 4, tmp_path)
     for update_two, update_one in zip(two, one, strict=True):
         for key in ("reward/score", "kl/episode", "loss/policy", "policy/ratio"):
             assert update_two[key] == pytest.approx(update_one[key], rel=1e-4, abs=1e-5), (update_two["update"], key)
