@@ -261,3 +261,50 @@ def test_ppo_with_lora_sharded_matches_one_process_and_merges(backend, tiny_mode
     merged = _logits(tmp_path / "two" / "merged", "sft")
     assert torch.allclose(merged, _logits(tmp_path / "one" / "merged", "sft"), atol=1e-4)
     assert (merged - _logits(tiny_model_dir, "sft")).abs().max() > 1e-3
+
+
+@pytest.mark.distributed
+def test_a_killed_fsdp2_run_resumes_from_its_last_complete_checkpoint(tiny_model_dir, tmp_path):
+    """The launcher and both workers SIGKILLed while the run trains and checkpoints: the rerun continues
+    from the newest complete checkpoint (a mark written into it survives into the final log) and trains
+    each step once."""
+    import signal
+    import time
+
+    import psutil
+
+    from dialogrl.training.run_lifecycle import last_complete_checkpoint
+
+    out = tmp_path / "out"
+    command = [*_launch("fsdp2"), *_common("sft", tiny_model_dir, tmp_path), f"output_dir={out}",
+               "training.max_steps=200", "training.save_steps=10", "training.per_device_batch_size=1"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO_ROOT,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoint-20" / "trainer_state.json").is_file():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.1)
+    # The launcher and both workers at once, as when the machine goes; torchrun starts each worker in
+    # its own session, so the launcher's process group alone would leave them running.
+    launcher = psutil.Process(process.pid)
+    workers = launcher.children(recursive=True)
+    assert len(workers) >= 2
+    for victim in [*workers, launcher]:
+        victim.send_signal(signal.SIGKILL)
+    process.wait()
+    psutil.wait_procs(workers, timeout=30)
+    assert not (out / "run_summary.json").exists()  # it really died mid-run
+    resume_point = last_complete_checkpoint(out)
+    state_path = Path(resume_point) / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state["log_history"][0]["written_before_the_kill"] = True
+    state_path.write_text(json.dumps(state))
+    _run(command)
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["global_step"] == 200 and summary["resumed_from"] == resume_point
+    assert summary["distributed"]["type"] == "FSDP"
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert history[0].get("written_before_the_kill") is True, "the run did not continue from its checkpoint"
+    steps_logged = [e["step"] for e in history if "loss" in e]
+    assert steps_logged == sorted(set(steps_logged))
