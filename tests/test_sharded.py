@@ -308,3 +308,34 @@ def test_a_killed_fsdp2_run_resumes_from_its_last_complete_checkpoint(tiny_model
     assert history[0].get("written_before_the_kill") is True, "the run did not continue from its checkpoint"
     steps_logged = [e["step"] for e in history if "loss" in e]
     assert steps_logged == sorted(set(steps_logged))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
+def test_sharded_ppo_resumes_from_its_checkpoint_to_the_uninterrupted_run(backend, tiny_model_dir, tmp_path):
+    """What a PPO run stopped after checkpoint-2 leaves (that checkpoint, the first two metrics lines),
+    rebuilt from a finished 3-update run: the rerun loads the sharded optimizer and weights and plays
+    update 3 as the uninterrupted run did."""
+    import shutil
+
+    from test_ppo import metrics, save_reward_model
+
+    reward_model = save_reward_model(tiny_model_dir, tmp_path / "rm")
+    args = [*_ppo_args(tiny_model_dir, tmp_path, f"reward.model={reward_model}", "ppo.epochs=1",
+                       "sampling.max_new_tokens=8", "sampling.temperature=0", "ppo.learning_rate=1e-3"),
+            "ppo.updates=3", "ppo.save_every=2", "ppo.episodes_per_update=2", "ppo.minibatch_episodes=2"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    _run([*_launch(backend), *args, f"output_dir={whole}"])
+    shutil.copytree(whole / "checkpoint-2", cut / "checkpoint-2")
+    for name in ("config.yaml", "fingerprint.json"):
+        shutil.copy(whole / name, cut / name)
+    (cut / "metrics.jsonl").write_text("".join((whole / "metrics.jsonl").read_text().splitlines(True)[:2]))
+    _run([*_launch(backend), *args, f"output_dir={cut}"])
+    summary = json.loads((cut / "run_summary.json").read_text())
+    assert summary["resumed_from"] == str(cut / "checkpoint-2") and summary["distributed"]["parameter_share"] < 0.6
+    resumed, uninterrupted = metrics(cut), metrics(whole)
+    assert [s["update"] for s in resumed] == [1, 2, 3]
+    for key in ("reward/score", "kl/episode", "loss/policy", "loss/value", "grad_norm/policy"):
+        assert resumed[2][key] == pytest.approx(uninterrupted[2][key], rel=1e-5, abs=1e-6), key
+    assert abs(uninterrupted[2]["kl/episode"]) > 1e-3  # update 3 starts from trained weights
+    assert torch.allclose(_logits(cut, "sft"), _logits(whole, "sft"), atol=1e-5)
