@@ -19,7 +19,7 @@ def _flag(name: str) -> bool:
 
 
 def launched_backend() -> str | None:
-    """"fsdp" or "deepspeed" when the launch config names one, else None."""
+    """The sharded backend the launch config names ("fsdp" or "deepspeed"), None for plain DDP or no launch."""
     if _flag("ACCELERATE_USE_FSDP"):
         return "fsdp"
     if _flag("ACCELERATE_USE_DEEPSPEED"):
