@@ -1,9 +1,10 @@
 """DeepSpeed ZeRO-2, ZeRO-3 and FSDP2 on two CPU processes (recipes/accelerate/cpu-*.yaml).
 
 Each stage runs a few steps on 2 processes x 2 rows and on 1 process x 2 rows x 2 accumulation steps (the
-same global batch). The backend must really be engaged (run_summary.json records it; under ZeRO-3 each
-and FSDP2 each process holds half the parameters), the losses must agree at every step, and the saved model must load
-with from_pretrained and give the 1-process model's logits.
+same global batch; PPO: 2 x N episodes against 1 x 2N). The backend must really be engaged
+(run_summary.json records it; under ZeRO-3 and FSDP2 each process holds half the parameters), the losses
+must agree at every step, and the saved model must load with from_pretrained and give the 1-process
+model's logits. Resume, a real SIGKILL and LoRA merges are checked too.
 
 Tolerance: 1e-5 on losses and 1e-4 on logits. Both runs compute in fp32; what differs is the order in
 which the two halves of each gradient are summed (a reduce-scatter or all-reduce against one process's
