@@ -67,7 +67,7 @@ def _ppo_on_two_processes_and_one(backend: str, args: list[str], episodes: int, 
 
 
 def _run(command: list[str]) -> None:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
 
