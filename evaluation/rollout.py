@@ -634,7 +634,11 @@ class RolloutEngine:
         with torch.inference_mode(), context:
             output = self.model.generate(
                 input_ids=input_ids, attention_mask=attention, past_key_values=cache, use_cache=True,
-                return_dict_in_generate=True, output_logits=self._with_tokens, **kwargs,
+                return_dict_in_generate=True, output_logits=self._with_tokens,
+                # The rollout always runs on whole weights (training gathers sharded ones first), so no process
+                # waits on another: transformers' default under FSDP/ZeRO-3 (synced_gpus) would make every
+                # process join every decoding step, and deadlock once one has fewer replies to write.
+                synced_gpus=False, **kwargs,
             )
         new_tokens = output.sequences[:, input_ids.shape[1]:]
         # Log-probs cost a [B, steps, vocab] softmax: computed only when token outputs were asked for.

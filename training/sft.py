@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dialogrl.data.options import option
+from dialogrl.training import packed_attention
 from dialogrl.training.config import register_recipe
 from dialogrl.training.stage_config import StageRecipe
 from dialogrl.training.trainer_setup import (
@@ -22,7 +23,9 @@ from dialogrl.training.trainer_setup import (
 class SFTRecipe(StageRecipe):
     packing: bool = option(
         False, help="Padding-free packing: rows are packed into sequences of up to data.max_length tokens, "
-        "position ids restart at each row and no row attends to another; no padding is computed."
+        "position ids restart at each row and no row attends to another; no padding is computed. Attention runs "
+        "per conversation (flash-attention's varlen kernel if model.attn_implementation names one, else SDPA on "
+        "each conversation's slice), never over a mask as wide as the packed row."
     )
 
 
@@ -31,6 +34,8 @@ def build(recipe: SFTRecipe, log=print) -> StageParts:
 
     inputs = prepare_stage(recipe, "sft", log)
     model = load_policy(recipe, inputs.resolved, inputs.tokenizer, inputs.added_pad)
+    if recipe.packing:
+        log(f"packing: attention per conversation ({packed_attention.use_for_packing(model)})")
     args = trl_arguments(
         SFTConfig, inputs.run, has_eval=inputs.data.eval is not None,
         max_length=recipe.data.max_length, packing=recipe.packing, padding_free=recipe.packing,
