@@ -14,12 +14,13 @@ import hashlib
 import json
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from dialogrl.data import builders
+from dialogrl.data import builders, curriculum, on_policy
 from dialogrl.data import constraints as catalogue
 from dialogrl.data.atomic_outputs import publish, staging_dir
 from dialogrl.data.corpora import CORPORA, load_chitchat
@@ -63,10 +64,12 @@ ReplyFn = Callable[[list[list[dict[str, str]]]], list[str]]
 
 
 class CachedReplies:
-    """Wraps a batched reply generator with an on-disk cache, so a rerun does not generate again.
+    """k sampled replies per history from a batched reply generator, cached on disk so a rerun (or an
+    interrupted build) does not generate them again.
 
-    The key is the model's identity plus the exact messages; the cache is an
-    append-only JSONL file, safe to interrupt.
+    The key is the model's identity, the exact messages and the sample's index; the
+    cache is an append-only JSONL file, safe to interrupt. The generator gets the k
+    copies of a history in one batch, so they are k independent samples.
     """
 
     def __init__(self, generate: ReplyFn, path: str | Path, model_key: str):
@@ -81,48 +84,23 @@ class CachedReplies:
                     entry = json.loads(line)
                     self.cache[entry["key"]] = entry["reply"]
 
-    def _key(self, messages: list[dict[str, str]]) -> str:
-        payload = json.dumps([self.model_key, messages], ensure_ascii=False, sort_keys=True)
+    def _key(self, messages: list[dict[str, str]], index: int) -> str:
+        payload = json.dumps([self.model_key, messages, index], ensure_ascii=False, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
-    def __call__(self, batch: list[list[dict[str, str]]]) -> list[str]:
-        keys = [self._key(m) for m in batch]
-        missing = [i for i, k in enumerate(keys) if k not in self.cache]
-        self.hits += len(batch) - len(missing)
+    def __call__(self, histories: Sequence[list[dict[str, str]]], k: int) -> list[list[str]]:
+        keys = [[self._key(h, j) for j in range(k)] for h in histories]
+        missing = [(i, j) for i, row in enumerate(keys) for j, key in enumerate(row) if key not in self.cache]
+        self.hits += len(histories) * k - len(missing)
         self.misses += len(missing)
         if missing:
-            generated = self.generate([batch[i] for i in missing])
+            generated = self.generate([histories[i] for i, _ in missing])
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a", encoding="utf-8") as handle:
-                for i, reply in zip(missing, generated, strict=True):
-                    self.cache[keys[i]] = reply
-                    handle.write(json.dumps({"key": keys[i], "reply": reply}, ensure_ascii=False) + "\n")
-        return [self.cache[k] for k in keys]
-
-
-def policy_replies(windows: Sequence[builders.Window], reply_fn: ReplyFn, *, log=print) -> dict[str, list[str]]:
-    """Raw policy replies for every round of every window, generated round by round.
-
-    Each round's context holds the compliant versions of the earlier replies, as
-    the SFT conversation will, so the model answers the history it is trained on.
-    """
-    contexts = {w.key: [{"role": "system", "content": w.system_prompt()}] for w in windows}
-    raw: dict[str, list[str]] = {w.key: [] for w in windows}
-    alive = {w.key: w for w in windows}
-    for r in range(1, max((w.rounds for w in windows), default=0) + 1):
-        batch = [w for w in alive.values() if w.rounds >= r]
-        for w in batch:
-            contexts[w.key].append({"role": "user", "content": w.user_turn(r)})
-        replies = reply_fn([contexts[w.key] for w in batch])
-        for w, reply in zip(batch, replies, strict=True):
-            raw[w.key].append(reply)
-            compliant = catalogue.rewrite_all(reply, w.active(r))
-            if compliant is None:
-                alive.pop(w.key)  # build_sft records why when it retries the same rewrite
-                continue
-            contexts[w.key].append({"role": "assistant", "content": compliant})
-        log(f"policy replies: round {r} done for {len(batch)} dialogues")
-    return raw
+                for (i, j), reply in zip(missing, generated, strict=True):
+                    self.cache[keys[i][j]] = reply
+                    handle.write(json.dumps({"key": keys[i][j], "reply": reply}, ensure_ascii=False) + "\n")
+        return [[self.cache[key] for key in row] for row in keys]
 
 
 def _save(rows: list[dict[str, Any]], output_dir: Path, name: str, columns: Sequence[str]) -> None:
@@ -167,10 +145,56 @@ def _drop_overlong(rows, tokenizer, max_length, name, rejects, stats: builders.B
     return kept
 
 
-def build_all(config: DataBuildConfig, *, tokenizer=None, reply_fn: ReplyFn | None = None, log=print,
-              record: dict[str, Any] | None = None) -> dict:
-    """Build every set described by `config`; returns the manifest (also written to disk). `record` is added
-    to the manifest (the build's fingerprint and output id)."""
+def _sft_set(config: DataBuildConfig, windows, tokenizer, rng, rejects, sample, judge, log):
+    """The SFT rows (with the curriculum's floor per type), their stats and report, and on-policy pairs."""
+    stats, pairs = builders.BuildStats(), []
+    counts = on_policy.SamplingCounts()
+    if config.sft.reply_source == "policy" and (sample is None or judge is None):
+        raise ValueError("sft.reply_source is 'policy' but no model was given to sample and judge replies")
+
+    def build_chunk(chunk: list[builders.Window]) -> list[dict[str, Any]]:
+        if config.sft.reply_source == "corpus":
+            rows = builders.build_sft(chunk, rejects=rejects, stats=stats)
+        else:
+            rows = []
+            for dialogue in on_policy.sample_dialogues(chunk, sample, judge, samples_per_turn=config.sft.samples_per_turn,
+                                                       counts=counts, log=log):
+                pairs.extend(dialogue.pairs)
+                if len(dialogue.outcomes) < config.sft.min_rounds_kept:
+                    reason = f"{len(dialogue.outcomes)} rounds before round {dialogue.dropped_at}: {dialogue.drop_reason}"
+                    stats.skipped["cut too short by a turn with no usable target"] += 1
+                    rejects.append({"set": "sft", "window": dialogue.window.key, "reason": reason,
+                                    "meta": dialogue.window.meta()})
+                    continue
+                row = on_policy.sft_row(dialogue)
+                rows.append(row)
+                stats.built += 1
+                stats.rounds[row["meta"]["rounds"]] += 1
+                stats.constraint_types.update(c.type_name for c in dialogue.window.constraints)
+        return _drop_overlong(rows, tokenizer, config.max_length, "sft", rejects, stats)
+
+    rows, report = curriculum.build_with_quota(windows, build_chunk, target=config.sft.conversations,
+                                               minimum=config.sft.min_dialogues_per_type, config=config.dialogue,
+                                               rng=rng, log=log)
+    if len(rows) < config.sft.conversations:
+        stats.skipped["fewer usable windows than requested"] = config.sft.conversations - len(rows)
+    if report["built_beyond_target"]:
+        stats.skipped["not needed (the set was full)"] = report["built_beyond_target"]
+    # Chunks are built whole and the last one trimmed: count what was kept.
+    stats.built = len(rows)
+    stats.rounds = Counter(row["meta"]["rounds"] for row in rows)
+    stats.constraint_types = Counter(t for row in rows for t in curriculum.row_types(row))
+    report = {"curriculum": report, "reply_source": config.sft.reply_source}
+    if config.sft.reply_source == "policy":
+        report["on_policy"] = counts.to_dict() | {"samples_per_turn": config.sft.samples_per_turn}
+    return rows, stats, report, pairs
+
+
+def build_all(config: DataBuildConfig, *, tokenizer=None, sample: on_policy.SampleFn | None = None,
+              judge: on_policy.VerdictFn | None = None, log=print, record: dict[str, Any] | None = None) -> dict:
+    """Build every set described by `config`; returns the manifest (also written to disk). `sample` and
+    `judge` draw and judge policy replies (sft.reply_source: policy). `record` is added to the manifest (the
+    build's fingerprint and output id)."""
     started = time.perf_counter()
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -181,20 +205,30 @@ def build_all(config: DataBuildConfig, *, tokenizer=None, reply_fn: ReplyFn | No
         f"{config.dialogue.min_rounds}-{config.dialogue.max_rounds} rounds")
     rejects: list[dict[str, Any]] = []
 
-    # A margin of spare windows covers dialogues that cannot be made compliant (counted as skips).
-    sft_windows = windows[: config.sft.conversations + max(8, config.sft.conversations // 4)]
-    replies = None
-    if config.sft.reply_source == "policy":
-        if reply_fn is None:
-            raise ValueError("sft.reply_source is 'policy' but no model was given to generate replies")
-        replies = policy_replies(sft_windows, reply_fn, log=log)
-    sft_rows, sft_stats = builders.build_sft(sft_windows, config.sft, rejects=rejects, replies=replies)
-    sft_rows = _drop_overlong(sft_rows, tokenizer, config.max_length, "sft", rejects, sft_stats)
+    sft_rows, sft_stats, sft_report, policy_pairs = _sft_set(config, windows, tokenizer, rng, rejects, sample,
+                                                             judge, log)
     log(f"sft: {len(sft_rows)} conversations")
 
-    pref_rows, pref_stats = builders.build_preferences(windows, config.preferences, rng, rejects=rejects)
+    on_policy_weight = config.preferences.rejected.get("on_policy", 0.0)
+    on_policy_share = on_policy_weight / sum(config.preferences.rejected.values())
+    if on_policy_share and config.sft.reply_source != "policy":
+        raise ValueError("preferences.rejected.on_policy needs sft.reply_source: policy (the pairs come from its "
+                         "samples)")
+    wanted_on_policy = round(config.preferences.pairs * on_policy_share)
+    by_round: dict[int, list[dict[str, Any]]] = {}
+    for pair in _drop_overlong(policy_pairs, tokenizer, config.max_length, "preferences", rejects,
+                               builders.BuildStats()):
+        by_round.setdefault(pair["meta"]["turn_index"], []).append(pair)
+    on_policy_rows = builders.balance_over_rounds(by_round, wanted_on_policy, rng)
+    pref_rows, pref_stats = builders.build_preferences(windows, config.preferences, rng, rejects=rejects,
+                                                       pairs=config.preferences.pairs - len(on_policy_rows))
     pref_rows = _drop_overlong(pref_rows, tokenizer, config.max_length, "preferences", rejects, pref_stats)
-    log(f"preferences: {len(pref_rows)} pairs")
+    for row in on_policy_rows:
+        pref_stats.built += 1
+        pref_stats.rounds[row["meta"]["turn_index"]] += 1
+        pref_stats.constraint_types.update(row["meta"]["active_constraints"])
+    pref_rows += on_policy_rows
+    log(f"preferences: {len(pref_rows)} pairs ({len(on_policy_rows)} on-policy)")
 
     edit_rows, edit_reports = [], []
     for source in config.edits:
@@ -223,9 +257,10 @@ def build_all(config: DataBuildConfig, *, tokenizer=None, reply_fn: ReplyFn | No
         "split": "train",
         "seed": config.seed,
         "windows": len(windows),
-        "sft": sft_stats.to_dict() | {"rows": len(sft_rows), "min_assistant_turns": min(
+        "sft": sft_stats.to_dict() | sft_report | {"rows": len(sft_rows), "min_assistant_turns": min(
             (sum(m["role"] == "assistant" for m in r["messages"]) for r in sft_rows), default=0)},
-        "preferences": pref_stats.to_dict() | {"rows": len(pref_rows)},
+        "preferences": pref_stats.to_dict() | {"rows": len(pref_rows), "rejected_kinds": dict(Counter(
+            r["meta"]["rejected_kind"] for r in pref_rows)), "on_policy_available": len(policy_pairs)},
         "edits": {"rows": len(edit_rows), "sources": edit_reports},
         "held_out_types": sorted(catalogue.HELD_OUT_TYPES),
         "held_out_types_used": sorted(used_types & set(catalogue.HELD_OUT_TYPES)),

@@ -56,7 +56,18 @@ class DialogueConfig:
 class SFTSetConfig:
     conversations: int = option(2400, help="SFT conversations to build (fewer if the corpus runs out; the manifest says).")
     reply_source: Literal["corpus", "policy"] = option(
-        "corpus", help="Replies to make compliant: the corpus's human replies, or the policy model's own generations."
+        "corpus", help="Where the targets come from: corpus = the human replies, made compliant by the "
+        "catalogue's rewrites; policy = rejection sampling from the model (samples_per_turn replies per turn, "
+        "the best that keeps every rule and passes the dialogue-aware gate, else its best reply rewritten)."
+    )
+    samples_per_turn: int = option(4, minimum=1, help="reply_source policy: replies sampled per assistant turn.")
+    min_rounds_kept: int = option(
+        2, minimum=1, help="reply_source policy: a dialogue cut short by a turn with no usable target is kept "
+        "when it has this many rounds before that turn."
+    )
+    min_dialogues_per_type: int = option(
+        0, minimum=0, help="Curriculum: every seen rule type is in at least this many SFT dialogues (more windows "
+        "are given the types still short); the manifest shows the counts. 0: rules drawn at random only."
     )
 
 
@@ -65,16 +76,18 @@ class PreferenceSetConfig:
     pairs: int = option(5000, help="Preference pairs to build, balanced over rounds.")
     rejected: dict[str, float] = option(
         default_factory=lambda: {"natural": 0.5, "partial": 0.5},
-        help="Mix of rejected replies: natural (the reply as written, violating a rule) and partial "
-        "(compliant with every rule but one).",
+        help="Mix of rejected replies: natural (the corpus reply as written, violating a rule), partial "
+        "(compliant with every rule but one), on_policy (a policy sample at the same history that fails a rule "
+        "or the gate, against one that passes; needs sft.reply_source policy).",
     )
 
     def __post_init__(self) -> None:
-        unknown = set(self.rejected) - {"natural", "partial"}
+        unknown = set(self.rejected) - {"natural", "partial", "on_policy"}
         if unknown or not self.rejected or any(w < 0 for w in self.rejected.values()) or not sum(
             self.rejected.values()
         ):
-            raise ValueError(f"rejected must weight natural and/or partial with non-negative weights, got {self.rejected}")
+            raise ValueError("rejected must weight natural, partial and/or on_policy with non-negative weights, "
+                             f"got {self.rejected}")
 
 
 @dataclass
@@ -128,18 +141,26 @@ def make_windows(dialogues: Sequence[CorpusDialogue], config: DialogueConfig, rn
         start = 0
         while dialogue.rounds - start >= config.min_rounds:
             rounds = min(config.max_rounds, dialogue.rounds - start)
-            windows.append(_with_rules(dialogue, start, rounds, config, rng))
+            windows.append(with_rules(dialogue, start, rounds, config, rng))
             start += rounds
     rng.shuffle(windows)
     return windows
 
 
-def _with_rules(dialogue: CorpusDialogue, start: int, rounds: int, config: DialogueConfig, rng: random.Random) -> Window:
+def with_rules(dialogue: CorpusDialogue, start: int, rounds: int, config: DialogueConfig, rng: random.Random,
+               *, required: str | None = None) -> Window:
+    """A window with 1..k compatible rules (train phrasings, seen types); `required` is always among them."""
     k = rng.randint(config.min_constraints, config.max_constraints)
-    with_user_rule = rng.random() < config.user_rule_fraction
     chosen: list[Constraint] = []
-    if with_user_rule:
-        chosen = catalogue.sample_constraints(rng, 1, split="train", held_out=False, introduced_by="user")
+    if required is not None:
+        if required in catalogue.HELD_OUT_TYPES:
+            raise ValueError(f"{required} is a held-out type; training windows never carry one")
+        chosen = [catalogue.make_constraint(required, rng, split="train")]
+    has_user_rule = any(c.type.introduced_by == "user" for c in chosen)
+    if not has_user_rule and len(chosen) < k and rng.random() < config.user_rule_fraction:
+        for rule in catalogue.sample_constraints(rng, 1, split="train", held_out=False, introduced_by="user"):
+            if catalogue.compatible([rule.type_name, *(c.type_name for c in chosen)]):
+                chosen.append(rule)
     if len(chosen) < k:
         system_rules = catalogue.sample_constraints(rng, k, split="train", held_out=False, introduced_by="system")
         for rule in system_rules:
@@ -170,28 +191,23 @@ class BuildStats:
         }
 
 
-def compliant_dialogue(window: Window, replies: Sequence[str] | None = None) -> tuple[list[dict[str, str]], str | None]:
+def compliant_dialogue(window: Window) -> tuple[list[dict[str, str]], str | None]:
     """The window as messages with every reply made to comply; or the reason it cannot be."""
     messages = [{"role": "system", "content": window.system_prompt()}]
     for r in range(1, window.rounds + 1):
         messages.append({"role": "user", "content": window.user_turn(r)})
-        source = replies[r - 1] if replies is not None else window.corpus_reply(r)
-        reply = catalogue.rewrite_all(source, window.active(r))
+        reply = catalogue.rewrite_all(window.corpus_reply(r), window.active(r))
         if reply is None or not reply.strip():
             return messages, f"no compliant rewrite at round {r}"
         messages.append({"role": "assistant", "content": reply})
     return messages, None
 
 
-def build_sft(windows: Sequence[Window], config: SFTSetConfig, *, rejects: list[dict], replies=None) -> tuple[
-        list[dict[str, Any]], BuildStats]:
-    """Rows `{messages, meta}`; `replies` maps a window key to policy replies (reply_source: policy)."""
-    rows, stats = [], BuildStats()
+def build_sft(windows: Sequence[Window], *, rejects: list[dict], stats: BuildStats) -> list[dict[str, Any]]:
+    """Rows `{messages, meta}` from the corpus replies made compliant; skipped windows go to `rejects`."""
+    rows = []
     for window in windows:
-        if len(rows) >= config.conversations:
-            break
-        policy_replies = replies.get(window.key) if replies is not None else None
-        messages, problem = compliant_dialogue(window, policy_replies)
+        messages, problem = compliant_dialogue(window)
         if problem:
             stats.skipped[problem.split(" at round")[0]] += 1
             rejects.append({"set": "sft", "window": window.key, "reason": problem, "meta": window.meta()})
@@ -200,9 +216,7 @@ def build_sft(windows: Sequence[Window], config: SFTSetConfig, *, rejects: list[
         stats.built += 1
         stats.rounds[window.rounds] += 1
         stats.constraint_types.update(c.type_name for c in window.constraints)
-    if len(rows) < config.conversations:
-        stats.skipped["fewer usable windows than requested"] = config.conversations - len(rows)
-    return rows, stats
+    return rows
 
 
 def _partial_violation(reply: str, active: list[Constraint], rng: random.Random) -> tuple[str | None, str | None]:
@@ -216,12 +230,18 @@ def _partial_violation(reply: str, active: list[Constraint], rng: random.Random)
 
 
 def build_preferences(
-    windows: Sequence[Window], config: PreferenceSetConfig, rng: random.Random, *, rejects: list[dict]
+    windows: Sequence[Window], config: PreferenceSetConfig, rng: random.Random, *, rejects: list[dict],
+    pairs: int | None = None,
 ) -> tuple[list[dict[str, Any]], BuildStats]:
-    """Rows `{prompt, chosen, rejected, meta}`, balanced over rounds 1..max."""
-    kinds, weights = zip(*sorted(config.rejected.items()), strict=True)
+    """`pairs` (default config.pairs) rows `{prompt, chosen, rejected, meta}` from the corpus replies (natural
+    and partial rejected replies, in the recipe's proportions), balanced over rounds 1..max."""
+    pairs = config.pairs if pairs is None else pairs
+    corpus_kinds = sorted((k, w) for k, w in config.rejected.items() if k != "on_policy" and w > 0)
     candidates: dict[int, list[dict[str, Any]]] = {}
     stats = BuildStats()
+    if not corpus_kinds or pairs <= 0:
+        return [], stats
+    kinds, weights = zip(*corpus_kinds, strict=True)
     for window in windows:
         messages, problem = compliant_dialogue(window)
         if problem:
@@ -253,7 +273,7 @@ def build_preferences(
                 "meta": window.meta() | {"turn_index": r, "rejected_kind": kind, "violated": violated,
                                          "active_constraints": [c.type_name for c in active]},
             })
-    rows = _balance_over_rounds(candidates, config.pairs, rng)
+    rows = balance_over_rounds(candidates, pairs, rng)
     for row in rows:
         stats.built += 1
         stats.rounds[row["meta"]["turn_index"]] += 1
@@ -261,12 +281,12 @@ def build_preferences(
     available = sum(len(v) for v in candidates.values())
     if available > len(rows):
         stats.skipped["not needed after balancing rounds"] = available - len(rows)
-    if len(rows) < config.pairs:
-        stats.skipped["fewer usable pairs than requested"] = config.pairs - len(rows)
+    if len(rows) < pairs:
+        stats.skipped["fewer usable pairs than requested"] = pairs - len(rows)
     return rows, stats
 
 
-def _balance_over_rounds(candidates: dict[int, list[dict]], total: int, rng: random.Random) -> list[dict]:
+def balance_over_rounds(candidates: dict[int, list[dict]], total: int, rng: random.Random) -> list[dict]:
     """Take pairs round-robin over rounds, so late rounds (rarer in the corpus) are not crowded out."""
     pools = {r: rng.sample(pool, len(pool)) for r, pool in sorted(candidates.items())}
     rows: list[dict] = []

@@ -80,28 +80,51 @@ def _judge_one(dialogue: DialogueToJudge, gate: GateConfig, scorer: Responsivene
     turns, earlier = [], []
     for r, index in enumerate(_assistant_indices(dialogue.messages), start=1):
         reply = dialogue.messages[index]["content"]
-        relation = cross_turn(reply, earlier, _user_turn_before(dialogue.messages, index))
-        earlier.append(reply)
         pmi = None if scores is None else scores[r - 1]
-        responsive = None if pmi is None or scorer is None else pmi >= scorer.config.threshold
-        verdict = check_dialogue_gate(reply, relation, responsive, gate, pmi)
-        checks = dialogue.checks_at(r, reply)
-        rules_kept = all(bool(c["strict"]) for c in checks) if checks else None
-        turns.append({
-            "round": r,
-            "adherent": None if rules_kept is None else verdict.passed and rules_kept,
-            "gate_pass": verdict.passed,
-            "gate_reason": verdict.reason,
-            "gate_detail": verdict.detail,
-            "responsive": responsive,
-            "responsiveness": None if pmi is None else round(pmi, 4),
-            "checks": checks,
-            "reply_gate_pass": check_gate(reply, gate).passed,
-            "repeat": relation.repeat_of is not None and relation.repeat_similarity >= gate.max_repeat_similarity,
-            "repeat_of": relation.repeat_of,
-            "repeat_similarity": round(relation.repeat_similarity, 4),
-            "echo": relation.echo_share >= gate.max_echo_share,
-            "echo_share": round(relation.echo_share, 4),
-            "rules_kept": rules_kept,
-        })
+        turns.append(_turn_verdict(r, reply, earlier, _user_turn_before(dialogue.messages, index), pmi, scorer,
+                                   gate, dialogue.checks_at(r, reply)))
+        earlier.append(reply)
     return turns
+
+
+def judge_replies(candidates: Sequence[tuple[list[dict[str, str]], str, Sequence[Constraint]]], gate: GateConfig,
+                  scorer: ResponsivenessScorer | None = None) -> list[dict[str, Any]]:
+    """The verdict of candidate replies, each to a history that ends with the user turn it answers.
+
+    Same verdict as `judge` gives the reply's turn when the dialogue is played with it; the history's
+    own replies are not judged again (rejection sampling judges several candidates per history).
+    """
+    scores = (scorer.score([(context_of(history, len(history), scorer.config.context_messages), reply)
+                            for history, reply, _ in candidates])
+              if scorer is not None and candidates else [None] * len(candidates))
+    verdicts = []
+    for (history, reply, constraints), pmi in zip(candidates, scores, strict=True):
+        earlier = [m["content"] for m in history if m["role"] == "assistant"]
+        verdicts.append(_turn_verdict(len(earlier) + 1, reply, earlier, _user_turn_before(history, len(history)),
+                                      pmi, scorer, gate, rule_checks(constraints, reply)))
+    return verdicts
+
+
+def _turn_verdict(round_number: int, reply: str, earlier: Sequence[str], user_turn: str, pmi: float | None,
+                  scorer: ResponsivenessScorer | None, gate: GateConfig, checks: Checks) -> dict[str, Any]:
+    relation = cross_turn(reply, earlier, user_turn)
+    responsive = None if pmi is None or scorer is None else pmi >= scorer.config.threshold
+    verdict = check_dialogue_gate(reply, relation, responsive, gate, pmi)
+    rules_kept = all(bool(c["strict"]) for c in checks) if checks else None
+    return {
+        "round": round_number,
+        "adherent": None if rules_kept is None else verdict.passed and rules_kept,
+        "gate_pass": verdict.passed,
+        "gate_reason": verdict.reason,
+        "gate_detail": verdict.detail,
+        "responsive": responsive,
+        "responsiveness": None if pmi is None else round(pmi, 4),
+        "checks": checks,
+        "reply_gate_pass": check_gate(reply, gate).passed,
+        "repeat": relation.repeat_of is not None and relation.repeat_similarity >= gate.max_repeat_similarity,
+        "repeat_of": relation.repeat_of,
+        "repeat_similarity": round(relation.repeat_similarity, 4),
+        "echo": relation.echo_share >= gate.max_echo_share,
+        "echo_share": round(relation.echo_share, 4),
+        "rules_kept": rules_kept,
+    }

@@ -43,8 +43,9 @@ def test_eval_dialogues_are_refused():
 
 
 def test_sft_replies_comply_from_the_round_each_rule_starts(windows):
-    rows, stats = builders.build_sft(windows, builders.SFTSetConfig(conversations=100), rejects=[])
-    assert stats.built == len(rows) == 100
+    stats = builders.BuildStats()
+    rows = builders.build_sft(windows[:120], rejects=[], stats=stats)
+    assert stats.built == len(rows) and len(rows) + sum(stats.skipped.values()) == 120 and len(rows) > 100
     for row in rows:
         messages = row["messages"]
         constraints = [catalogue.Constraint.from_dict(c) for c in row["meta"]["constraints"]]
@@ -118,44 +119,22 @@ def test_build_all_writes_sets_manifest_and_rejects(tmp_path, tiny_model_dir):
     assert json.loads((out / "manifest.json").read_text()) == manifest
 
 
-def test_policy_replies_are_cached(tmp_path):
+def test_policy_samples_are_cached_per_sample_and_model(tmp_path):
     calls = []
 
     def fake_generate(batch):
         calls.append(len(batch))
-        return [f"reply {len(m)}" for m in batch]
+        return [f"reply {len(calls)}.{i}" for i in range(len(batch))]
 
     cache_path = tmp_path / "cache.jsonl"
-    batch = [[{"role": "user", "content": f"q{i}"}] for i in range(3)]
-    first = CachedReplies(fake_generate, cache_path, "model-a")(batch)
+    histories = [[{"role": "user", "content": f"q{i}"}] for i in range(3)]
+    first = CachedReplies(fake_generate, cache_path, "model-a")(histories, 2)
+    assert [len(r) for r in first] == [2, 2, 2] and len({x for r in first for x in r}) == 6
     again = CachedReplies(fake_generate, cache_path, "model-a")
-    assert again(batch) == first and calls == [3] and again.hits == 3
-    CachedReplies(fake_generate, cache_path, "model-b")(batch)  # another model: generate again
-    assert calls == [3, 3]
-
-
-def test_policy_replies_through_the_data_recipe_are_compliant_and_cached(tmp_path, tiny_model_dir):
-    from dialogrl.training import data_stage
-    from dialogrl.training.config import load_recipe
-
-    overrides = [
-        f"output_dir={tmp_path / 'out'}", f"model.name_or_path={tiny_model_dir}", "sft.reply_source=policy",
-        "sft.conversations=3", "preferences.pairs=10", "dialogue.max_rounds=4", "sampling.max_new_tokens=8",
-        "max_length=null",
-    ]
-    recipe = load_recipe(None, overrides, expected=data_stage.DataRecipe)
-    manifest = data_stage.main(recipe, log=lambda _m: None)
-    assert manifest["sft"]["rows"] == 3
-    generated = manifest["policy_reply_cache"]["generated"]
-    assert generated > 0 and manifest["policy_reply_cache"]["hits"] == 0
-    rows = [json.loads(line) for line in (tmp_path / "out" / "sft.jsonl").read_text().splitlines()]
-    for row in rows:
-        constraints = [catalogue.Constraint.from_dict(c) for c in row["meta"]["constraints"]]
-        for r in range(1, row["meta"]["rounds"] + 1):
-            active = [c for c, intro in zip(constraints, row["meta"]["intro_round"], strict=True) if intro <= r]
-            assert all(c.check(row["messages"][2 * r]["content"]).strict for c in active)
-    rerun = data_stage.main(recipe, log=lambda _m: None)
-    assert rerun["policy_reply_cache"] == {"hits": generated, "generated": 0}
+    assert again(histories, 2) == first and calls == [6] and again.hits == 6
+    assert again(histories, 3)[0][:2] == first[0] and calls == [6, 3]  # one more sample each: only it is new
+    CachedReplies(fake_generate, cache_path, "model-b")(histories, 2)  # another model: generate again
+    assert calls == [6, 3, 6]
 
 
 def test_manifest_counts_match_the_rows_written(tmp_path, tiny_model_dir):

@@ -8,7 +8,10 @@ from pathlib import Path
 
 from dialogrl.data.build import CachedReplies, DataBuildConfig, build_all
 from dialogrl.data.fingerprint import fingerprint, new_output_id, write_fingerprint
+from dialogrl.data.on_policy import Verdict
 from dialogrl.data.options import option
+from dialogrl.evaluation.gate import GateConfig
+from dialogrl.evaluation.responsiveness import ResponsivenessConfig
 from dialogrl.evaluation.sampling import SamplingConfig
 from dialogrl.training import output_lock
 from dialogrl.training.config import recipe_to_dict, register_recipe, save_recipe
@@ -29,6 +32,39 @@ class DataRecipe(DataBuildConfig):
         help="Decoding of policy replies (sft.reply_source: policy).",
     )
     generation_batch_size: int = option(16, help="Conversations per generate call for policy replies.")
+    gate: GateConfig = option(default_factory=GateConfig, help="The quality gate policy samples must pass "
+                              "(sft.reply_source: policy); the evaluator's defaults.")
+    responsiveness: ResponsivenessConfig = option(
+        default_factory=ResponsivenessConfig, help="The responsiveness part of the gate for policy samples; the "
+        "evaluator's defaults and scorer.")
+
+
+def _verdict(turn: dict) -> Verdict:
+    broken = tuple(c["type_name"] for c in turn["checks"] if not c["strict"])
+    passed = turn["gate_pass"] if turn["adherent"] is None else turn["adherent"]
+    reason = None if passed else (turn["gate_reason"] if not turn["gate_pass"] else "rules")
+    return Verdict(passed, turn["gate_pass"], broken, reason, turn["responsiveness"])
+
+
+def _policy_sampling(recipe: DataRecipe, resolved, tokenizer):
+    """The sampler (the rollout engine, cached on disk) and the evaluator's verdict, for rejection sampling."""
+    from dialogrl.evaluation.rollout import RolloutEngine
+    from dialogrl.evaluation.run import build_scorer
+    from dialogrl.evaluation.verdicts import judge_replies
+    from dialogrl.training.eval_stage import scorer_loader
+
+    model = load_causal_lm(recipe.model, resolved).eval()
+    # The model's identity, not only its name: a retrained checkpoint at the same path writes other replies.
+    resolved_recipe = recipe_to_dict(recipe)
+    model_key = fingerprint({"model": resolved_recipe["model"], "sampling": resolved_recipe["sampling"]}).digest
+    engine = RolloutEngine(model, tokenizer, recipe.sampling, batch_size=recipe.generation_batch_size)
+    sample = CachedReplies(engine.reply, Path(recipe.output_dir) / "cache" / "policy_samples.jsonl", model_key)
+    scorer = build_scorer(recipe.responsiveness, scorer_loader(recipe, recipe.model))
+
+    def judge(candidates):
+        return [_verdict(turn) for turn in judge_replies(candidates, recipe.gate, scorer)]
+
+    return sample, judge
 
 
 def main(recipe: DataRecipe, log=print) -> dict:
@@ -42,25 +78,15 @@ def main(recipe: DataRecipe, log=print) -> dict:
     current = fingerprint(recipe_to_dict(recipe))
     resolved = resolve_model(recipe.model.name_or_path, revision=recipe.model.revision)
     tokenizer = load_tokenizer(recipe.model, resolved)
-    reply_fn = None
+    sample = judge = None
     if recipe.sft.reply_source == "policy":
-        from dialogrl.evaluation.rollout import RolloutEngine
-
-        model = load_causal_lm(recipe.model, resolved).eval()
-        # The model's identity, not only its name: a retrained checkpoint at the same path writes other replies.
-        resolved_recipe = recipe_to_dict(recipe)
-        model_key = fingerprint({"model": resolved_recipe["model"], "sampling": resolved_recipe["sampling"]}).digest
-        reply_fn = CachedReplies(
-            RolloutEngine(model, tokenizer, recipe.sampling, batch_size=recipe.generation_batch_size).reply,
-            Path(recipe.output_dir) / "cache" / "policy_replies.jsonl",
-            model_key,
-        )
+        sample, judge = _policy_sampling(recipe, resolved, tokenizer)
     save_recipe(recipe, recipe.output_dir)
     write_fingerprint(Path(recipe.output_dir), current)
     record = {"fingerprint": current.digest, "output_id": new_output_id()}
-    manifest = build_all(recipe, tokenizer=tokenizer, reply_fn=reply_fn, log=log, record=record)
-    if isinstance(reply_fn, CachedReplies):
-        manifest["policy_reply_cache"] = {"hits": reply_fn.hits, "generated": reply_fn.misses}
+    manifest = build_all(recipe, tokenizer=tokenizer, sample=sample, judge=judge, log=log, record=record)
+    if isinstance(sample, CachedReplies):
+        manifest["policy_reply_cache"] = {"hits": sample.hits, "generated": sample.misses}
         path = Path(recipe.output_dir) / "manifest.json"
         path.with_suffix(".tmp").write_text(json.dumps(manifest, indent=2) + "\n")
         path.with_suffix(".tmp").replace(path)
