@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from dialogrl.data.options import option
+from dialogrl.training import length_groups
 from dialogrl.training.config import register_recipe
 from dialogrl.training.stage_config import StageRecipe, TrainData, preference_data
 from dialogrl.training.trainer_setup import (
@@ -116,6 +117,8 @@ def build(recipe: DPORecipe, log=print) -> StageParts:
         eval_dataset=inputs.data.eval, processing_class=inputs.tokenizer,
         peft_config=lora_config(recipe.lora, "CAUSAL_LM"))
     check_rows_kept(trainer, inputs.data)
+    if recipe.training.group_by_length:
+        length_groups.keep_length_column(trainer)
     return StageParts(inputs.run, trainer, inputs.tokenizer, inputs.data)
 
 

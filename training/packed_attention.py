@@ -49,7 +49,7 @@ def document_spans(position_ids) -> list[list[tuple[int, int]]]:
     for row in indices:
         _, counts = torch.unique_consecutive(row, return_counts=True)
         ends = counts.cumsum(0).tolist()
-        spans.append(list(zip([0, *ends[:-1]], ends)))
+        spans.append(list(zip([0, *ends[:-1]], ends, strict=True)))
     return spans
 
 
@@ -60,7 +60,7 @@ def _spans_from_collator(kwargs: dict, rows: int, length: int) -> list[list[tupl
     if bounds is None or rows != 1 or int(bounds[-1]) != length:
         return None
     bounds = bounds.tolist()
-    return [[(s, e) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]]
+    return [[(s, e) for s, e in zip(bounds[:-1], bounds[1:], strict=True) if e > s]]
 
 
 def _packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):

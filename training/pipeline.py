@@ -41,6 +41,7 @@ from dialogrl.training.config import (
     register_recipe,
     save_recipe,
 )
+from dialogrl.training.memory import PeakMemory
 from dialogrl.training.run_lifecycle import StageError
 
 TRAINING_STAGES = ("sft", "reward", "dpo", "ppo")
@@ -166,11 +167,13 @@ def run_step(step: PipelineStep, stage_recipe: Any, step_dir: Path, log=print) -
     log(f"[{step.name}] running dialogrl {step.stage if step.stage != 'data' else 'data build'} -> {step_dir}")
     started = time.perf_counter()
     module = importlib.import_module(STAGE_MODULES[step.stage])
-    result = module.main(stage_recipe, log=lambda msg: log(f"[{step.name}] {msg}"))
+    with PeakMemory() as peak:
+        result = module.main(stage_recipe, log=lambda msg: log(f"[{step.name}] {msg}"))
     seconds = time.perf_counter() - started
-    log(f"[{step.name}] done in {seconds:.0f} s")
+    log(f"[{step.name}] done in {seconds:.0f} s, peak resident memory {peak.gib:.1f} GiB")
     return {"name": step.name, "stage": step.stage, "skipped": False, "dir": str(step_dir),
-            "seconds": round(seconds, 1), "metrics": result.get("metrics") if isinstance(result, dict) else None}
+            "seconds": round(seconds, 1), "peak_rss_gib": peak.gib, "peak_is_per_step": peak.per_step,
+            "metrics": result.get("metrics") if isinstance(result, dict) else None}
 
 
 def _git_commit() -> str | None:
@@ -259,10 +262,13 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                      f"{_fmt(row['adherence_last_round'])} | {_fmt(row['retention'])} | {_fmt(row['seen'])} | "
                      f"{_fmt(row['unseen'])} | {_fmt(row['gate_pass_rate'])} | {_fmt(row.get('repeat_rate'))} | "
                      f"{_fmt(row.get('echo_rate'))} | {_fmt(row.get('responsive_rate'))} |")
-    lines += ["", "| step | stage | time | state |", "|---|---|---|---|"]
+    lines += ["", "| step | stage | time | peak resident memory | state |", "|---|---|---|---|---|"]
     for step in summary["steps"]:
         state = "skipped (complete)" if step["skipped"] else "ran"
-        lines.append(f"| {step['name']} | {step['stage']} | {step.get('seconds', '-')} s | {state} |")
+        peak = f"{step['peak_rss_gib']:.1f} GiB" if "peak_rss_gib" in step else "-"
+        lines.append(f"| {step['name']} | {step['stage']} | {step.get('seconds', '-')} s | {peak} | {state} |")
+    if "eval" in summary:
+        lines.append(f"| eval | eval | {summary['eval']['seconds']} s | {summary['eval']['peak_rss_gib']:.1f} GiB | ran |")
     lines += ["", "Curves with 95% bootstrap bands: `adherence.png`; full report: `eval/report.md`.", ""]
     return "\n".join(lines)
 
@@ -277,8 +283,12 @@ def main(recipe: PipelineRecipe, log=print) -> dict[str, Any]:
     save_recipe(recipe, run_dir)
     wired = wire(recipe, run_dir)
     steps = [run_step(step, stage_recipe, step_dir, log) for step, stage_recipe, step_dir in wired]
-    report = evaluate_checkpoints(recipe, wired, run_dir, log)
-    summary = summarise(report, steps, recipe, run_dir, time.perf_counter() - started)
+    eval_started = time.perf_counter()
+    with PeakMemory() as peak:
+        report = evaluate_checkpoints(recipe, wired, run_dir, log)
+    evaluation = {"seconds": round(time.perf_counter() - eval_started, 1), "peak_rss_gib": peak.gib,
+                  "peak_is_per_step": peak.per_step}
+    summary = summarise(report, steps, recipe, run_dir, time.perf_counter() - started) | {"eval": evaluation}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (run_dir / "summary.md").write_text(summary_markdown(summary))
     shutil.copyfile(run_dir / "eval" / "adherence.png", run_dir / "adherence.png")

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 
 from dialogrl.data.options import option
+from dialogrl.training import length_groups
 from dialogrl.training.config import register_recipe
 from dialogrl.training.reward_scoring import pair_accuracy
 from dialogrl.training.stage_config import StageRecipe, TrainData, preference_data
@@ -59,6 +60,8 @@ def build(recipe: RewardRecipe, log=print) -> StageParts:
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=inputs.data.train, eval_dataset=inputs.data.eval,
                             processing_class=inputs.tokenizer, peft_config=lora_config(recipe.lora, "SEQ_CLS"))
+    if recipe.training.group_by_length:
+        length_groups.keep_length_column(trainer)
     check_rows_kept(trainer, inputs.data)
     return StageParts(inputs.run, trainer, inputs.tokenizer, inputs.data)
 

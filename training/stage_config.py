@@ -86,6 +86,11 @@ class Optimisation:
         "auto", help="Mixed precision: auto = bfloat16 on a GPU that supports it, float32 on CPU."
     )
     gradient_checkpointing: bool = option(False, help="Recompute activations in the backward pass to save memory.")
+    group_by_length: bool = option(
+        False, help="Draw batches of similar length (transformers' LengthGroupedSampler: shuffled mega-batches, "
+        "each sorted by length), so short rows are not padded to a long one. Pair stages key on the longer side "
+        "of each pair; run_summary.json shows the padding share in random and in grouped order."
+    )
     logging_steps: int = option(5, minimum=1, help="Log the training metrics every this many steps.")
     save_steps: int = option(50, minimum=1, help="Write a resumable checkpoint every this many steps.")
     save_total_limit: int = option(2, minimum=1, help="Resumable checkpoints kept on disk (the newest ones).")

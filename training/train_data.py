@@ -223,6 +223,9 @@ def describe_data(summary: dict[str, Any]) -> str:
     """One line for the console: what was read, what is used, what was set aside."""
     train, evaluation = summary["train"], summary["eval"]
     rejected = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(summary["rejects"].items())) or "none"
+    padding = train.get("padding_share")
+    padding = (f"; padding share {padding['random_order']:.0%} in random order, {padding['length_grouped']:.0%} "
+               "length-grouped" if padding else "")
     return (f"{summary['stage']} data: {train['rows']} training rows, {evaluation['rows']} held-out rows "
             f"(max_length {summary['max_length']}); set aside: {rejected}"
-            + (f" -> {summary['rejects_path']}" if summary["rejects"] else ""))
+            + (f" -> {summary['rejects_path']}" if summary["rejects"] else "") + padding)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dialogrl.data.chat_tokens import ChatTokenizer
-from dialogrl.training import launch_backend
+from dialogrl.training import launch_backend, length_groups
 from dialogrl.training.models import (
     ModelConfig,
     ResolvedModel,
@@ -164,6 +164,8 @@ def trl_arguments(config_cls: type, run: Run, *, has_eval: bool, **stage_args: A
         # On a machine without CUDA the Trainer must build a CPU accelerator, also under torchrun.
         "use_cpu": not torch.cuda.is_available(),
         "include_num_input_tokens_seen": "non_padding",
+        "train_sampling_strategy": "group_by_length" if t.group_by_length else "random",
+        "length_column_name": length_groups.LENGTH_COLUMN,
         "dataset_num_proc": None,
         **precision_flags(t.precision),
         **launch_backend.trainer_arguments(),
@@ -193,6 +195,12 @@ def prepare_stage(recipe: StageRecipe, stage: str, log=print) -> StageInputs:
     run = start_run(recipe, stage)
     tokenizer, chat, resolved, added_pad = load_training_tokenizer(recipe.model)
     data = prepare_data(recipe.data, stage, chat, run.output_dir, write_rejects=is_main_process())
+    if stage in ("reward", "dpo"):
+        t = recipe.training
+        data.summary["train"]["padding_share"] = length_groups.padding_report(data.train, t.per_device_batch_size,
+                                                                              t.seed)
+        if t.group_by_length:
+            data.train = length_groups.with_length_column(data.train)
     log(describe_data(data.summary))
     return StageInputs(run, tokenizer, resolved, added_pad, data)
 
