@@ -6,7 +6,7 @@ hold them). Each sample is judged by the evaluator's verdict: every standing rul
 kept (strict) and the dialogue-aware gate passed (not a repeat of an earlier reply,
 not an echo of the user, responsive). Then
 
-- sampled: the best passing sample (most responsive) is the target;
+- sampled: the first passing sample (in draw order) is the target;
 - rewritten: no sample passed, so the best failing one (gate passed, fewest rules
   broken) is made compliant with the catalogue's rewrite and judged again; it is the
   target if it passes now;
@@ -44,7 +44,7 @@ class Verdict:
     gate_pass: bool
     rules_broken: tuple[str, ...]  # type names of the standing rules the reply breaks
     reason: str | None  # why it failed: a gate reason code, or "rules"
-    score: float | None = None  # responsiveness (PMI, nats): ranks samples, higher first
+    score: float | None = None  # responsiveness (PMI, nats), when it was scored
 
 
 SampleFn = Callable[[Sequence[Messages], int], list[list[str]]]  # histories, k -> k replies per history
@@ -90,9 +90,14 @@ class SamplingCounts:
 
 
 def _rank(verdict: Verdict) -> tuple:
-    """Sort key, best first: passing, then gate passed, then fewest rules broken, then most responsive."""
-    return (not verdict.passed, not verdict.gate_pass, len(verdict.rules_broken),
-            -(verdict.score if verdict.score is not None else 0.0))
+    """Sort key, best first: passing, then gate passed, then fewest rules broken; ties keep the draw order.
+
+    Among passing samples the first drawn wins, so the target is a draw from the policy given that it
+    passes. Ranking by responsiveness instead picked replies that copy the user's words back (they score the
+    highest PMI while staying under the echo threshold: 97-111 nats against 20-45 for answers, measured on
+    the packaged model).
+    """
+    return (not verdict.passed, not verdict.gate_pass, len(verdict.rules_broken))
 
 
 def _pair(window: Window, history: Messages, round_number: int, chosen: str, rejected: str, verdict: Verdict,

@@ -147,3 +147,16 @@ def test_cli_misspelled_key_exits_2_without_traceback(tmp_path):
     assert "unknown key 'sampling.max_new_token'" in result.stderr
     assert "did you mean 'sampling.max_new_tokens'" in result.stderr
     assert str(path) in result.stderr
+
+
+def test_a_sections_own_defaults_hold_for_the_keys_a_recipe_leaves_out():
+    from dialogrl.training.data_stage import DataRecipe
+
+    # DataRecipe samples policy replies at temperature 0.7 (its default_factory), where SamplingConfig's class
+    # default is greedy: overriding one key must not fall back to the class defaults for the others.
+    assert load_recipe(None, [], expected=DataRecipe).sampling.temperature == 0.7
+    partial = load_recipe(None, ["sampling.max_new_tokens=64"], expected=DataRecipe).sampling
+    assert (partial.max_new_tokens, partial.temperature) == (64, 0.7)
+    # a dict-valued key is replaced whole, not merged with its default
+    mix = load_recipe(None, ["preferences.rejected={partial: 1.0}"], expected=DataRecipe).preferences.rejected
+    assert mix == {"partial": 1.0}

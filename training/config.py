@@ -260,6 +260,15 @@ def _build(cls: type[T], data: Mapping[str, Any], *, source: str, prefix: str, r
     kwargs = {}
     for name, f in fields.items():
         key = prefix + name
+        nested = _dataclass_in(hints[name])
+        if nested is not None and f.default_factory is not dataclasses.MISSING:
+            # A section's own defaults (`default_factory=lambda: SamplingConfig(temperature=0.7)`) hold for the
+            # keys the recipe leaves out, not the section class's: it reads the factory's values first.
+            given = data.get(name, {})
+            if isinstance(given, Mapping):
+                kwargs[name] = _build(nested, _overlay(f.default_factory(), given), source=source,
+                                      prefix=key + ".", root=root)
+                continue
         if name in data:
             kwargs[name] = _coerce(data[name], hints[name], source=source, key=key, root=root)
             minimum = f.metadata.get("minimum")
@@ -276,6 +285,30 @@ def _build(cls: type[T], data: Mapping[str, Any], *, source: str, prefix: str, r
     except (ValueError, TypeError) as err:
         where = f"'{prefix[:-1]}'" if prefix else "recipe"
         raise RecipeError(f"{source}: {where}: {err}") from None
+
+
+def _overlay(defaults: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+    """`given` over the fields of the dataclass instance `defaults`, section by section (dict values are
+    replaced whole: a recipe that names `rejected: {natural: 1}` means only natural)."""
+    if not dataclasses.is_dataclass(defaults):
+        return dict(given)
+    merged: dict[str, Any] = {}
+    for f in dataclasses.fields(defaults):
+        value = getattr(defaults, f.name)
+        if f.name in given:
+            inner = given[f.name]
+            merged[f.name] = _overlay(value, inner) if dataclasses.is_dataclass(value) and isinstance(
+                inner, Mapping) else inner
+        else:
+            merged[f.name] = _plain(value)
+    merged.update({k: v for k, v in given.items() if k not in merged})  # unknown keys: _build names them
+    return merged
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return value
 
 
 def _dataclass_in(hint: Any) -> type | None:

@@ -62,7 +62,15 @@ def _policy_sampling(recipe: DataRecipe, resolved, tokenizer):
     scorer = build_scorer(recipe.responsiveness, scorer_loader(recipe, recipe.model))
 
     def judge(candidates):
-        return [_verdict(turn) for turn in judge_replies(candidates, recipe.gate, scorer)]
+        # The scorer costs a forward pass per panel context for every reply; a reply that already breaks a rule
+        # or fails the rest of the gate fails whatever it scores, so only the others are scored.
+        turns = judge_replies(candidates, recipe.gate, None)
+        if scorer is not None:
+            open_ = [i for i, turn in enumerate(turns) if _verdict(turn).passed]
+            for i, turn in zip(open_, judge_replies([candidates[i] for i in open_], recipe.gate, scorer),
+                               strict=True):
+                turns[i] = turn
+        return [_verdict(turn) for turn in turns]
 
     return sample, judge
 

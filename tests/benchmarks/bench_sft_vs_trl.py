@@ -22,6 +22,17 @@ Real tokens are counted at the model's input (attention-mask ones, or every toke
 row); padded tokens are the rest. Prints each run's real tokens/s over steps 2..N (step 1 is warm-up),
 its padding share, and the ratio to TRL. The runs go one after the other, so machine drift during the
 run enters the ratios; rerun before trusting a small difference.
+
+Measured on 2 idle cores with the defaults (trl 1.16.0, torch 2.13 CPU; 32 conversations, 14,106 tokens,
+longest 793; packed rows of up to 1,764 tokens), commit ca3c3b5:
+
+    run                                  steps real tok/s  padding  vs trl
+    trl SFTTrainer (padded)                  8       78.1    26.4%   1.00x
+    dialogrl sft, packed                     8      140.3     0.0%   1.80x
+    dialogrl sft, padded                     8       80.8    26.4%   1.03x
+    dialogrl sft, packed, block mask         8       91.3     0.0%   1.17x
+
+Packing over one block-diagonal mask buys 1.17x; attending per conversation makes it 1.80x.
 """
 
 from __future__ import annotations
