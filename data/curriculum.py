@@ -56,8 +56,9 @@ def build_with_quota(windows: Sequence[Window], build_chunk: Callable[[list[Wind
         need = target - len(rows)
         if need <= 0 and not deficits:
             break
-        # A margin covers windows that end up skipped; forced windows carry one short type each.
-        size = max(need, 0) + max(8, max(need, 0) // 4) + sum(deficits.values())
+        # A small margin covers windows that end up skipped (a short chunk only costs another round of this
+        # loop, while every surplus window is sampled for nothing); forced windows carry one short type each.
+        size = max(need, 0) + max(2, max(need, 0) // 8) + sum(deficits.values())
         chunk = list(itertools.islice(pool, size))
         if not chunk:
             break

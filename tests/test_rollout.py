@@ -325,3 +325,20 @@ def test_turn_group_logprobs_equal_a_forward_pass_over_the_sibling(model_and_tok
             marked = [i for i, m in enumerate(t.assistant_mask) if m]
             recorded = torch.tensor([t.logprobs[i] for i in marked])
             torch.testing.assert_close(recorded, expected[[i - 1 for i in marked]], atol=1e-4, rtol=1e-4)
+
+
+def test_generation_never_waits_on_other_processes(model_and_tokenizer, monkeypatch):
+    """transformers turns synced_gpus on for FSDP/ZeRO-3 models; the rollout plays whole weights, and a
+    process with fewer replies to write would leave the others waiting in every decoding step (a deadlock
+    seen under FSDP2 with sampled replies)."""
+    model, tokenizer = model_and_tokenizer
+    seen = []
+    generate = model.generate
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("synced_gpus"))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", recording)
+    play(model, tokenizer, batch_size=2, reuse_cache=True)
+    assert seen and all(flag is False for flag in seen)
