@@ -11,8 +11,8 @@
 - Edits: `{messages, draft, edited}` records become chosen = edited, rejected = draft.
 
 Only train-split conversations, train phrasings and seen constraint types go
-in; the builder asserts it. Replies come from the corpus's human turns, or from
-a policy model (generated and cached by `build.py`).
+in; the builder asserts it. Replies come from the corpus's human turns here; policy replies
+(rejection sampling) are chosen in `on_policy.py`.
 Every skipped dialogue or pair is counted by reason in the manifest.
 """
 
