@@ -58,7 +58,7 @@ class SFTSetConfig:
     reply_source: Literal["corpus", "policy"] = option(
         "corpus", help="Where the targets come from: corpus = the human replies, made compliant by the "
         "catalogue's rewrites; policy = rejection sampling from the model (samples_per_turn replies per turn, "
-        "the best that keeps every rule and passes the dialogue-aware gate, else its best reply rewritten)."
+        "the first that keeps every rule and passes the evaluator's gate, else the closest one rewritten)."
     )
     samples_per_turn: int = option(4, minimum=1, help="reply_source policy: replies sampled per assistant turn.")
     min_rounds_kept: int = option(

@@ -199,8 +199,10 @@ def prepare_stage(recipe: StageRecipe, stage: str, log=print) -> StageInputs:
         t = recipe.training
         data.summary["train"]["padding_share"] = length_groups.padding_report(data.train, t.per_device_batch_size,
                                                                               t.seed)
-        if t.group_by_length:
+        if t.group_by_length:  # the Trainer groups the held-out batches by length as well
             data.train = length_groups.with_length_column(data.train)
+            if data.eval is not None:
+                data.eval = length_groups.with_length_column(data.eval)
     log(describe_data(data.summary))
     return StageInputs(run, tokenizer, resolved, added_pad, data)
 

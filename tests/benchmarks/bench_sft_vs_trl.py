@@ -150,7 +150,6 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=2048, help="Token limit per conversation.")
     parser.add_argument("--block-mask", action="store_true", help="Also time packing over one block-diagonal mask.")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     model_dir = resolve_model(args.model).location
     conversations = conversations_from(args.data, args.conversations)
 
