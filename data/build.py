@@ -228,6 +228,9 @@ def build_all(config: DataBuildConfig, *, tokenizer=None, sample: on_policy.Samp
         pref_stats.rounds[row["meta"]["turn_index"]] += 1
         pref_stats.constraint_types.update(row["meta"]["active_constraints"])
     pref_rows += on_policy_rows
+    # A training source's `limit` keeps the first rows, so the kinds are interleaved: appended, a limit would
+    # cut the on-policy pairs first.
+    rng.shuffle(pref_rows)
     log(f"preferences: {len(pref_rows)} pairs ({len(on_policy_rows)} on-policy)")
 
     edit_rows, edit_reports = [], []

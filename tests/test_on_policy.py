@@ -108,6 +108,9 @@ def test_on_policy_pairs_and_sampled_sft_rows_through_the_build(tmp_path):
     pairs = [json.loads(line) for line in (out / "preferences.jsonl").read_text().splitlines()]
     on_policy_pairs = [p for p in pairs if p["meta"]["rejected_kind"] == "on_policy"]
     assert on_policy_pairs and manifest["preferences"]["rejected_kinds"]["on_policy"] == len(on_policy_pairs)
+    # a `limit` on the set keeps its first rows: both kinds must be among them
+    first_half = {p["meta"]["rejected_kind"] for p in pairs[: len(pairs) // 2]}
+    assert "on_policy" in first_half and first_half & {"natural", "partial"}, first_half
     for pair in on_policy_pairs:
         constraints = [catalogue.Constraint.from_dict(c) for c in pair["meta"]["constraints"]]
         active = [c for c in constraints if c.type_name in pair["meta"]["active_constraints"]]
