@@ -148,14 +148,17 @@ def make_windows(dialogues: Sequence[CorpusDialogue], config: DialogueConfig, rn
 
 
 def with_rules(dialogue: CorpusDialogue, start: int, rounds: int, config: DialogueConfig, rng: random.Random,
-               *, required: str | None = None) -> Window:
-    """A window with 1..k compatible rules (train phrasings, seen types); `required` is always among them."""
-    k = rng.randint(config.min_constraints, config.max_constraints)
-    chosen: list[Constraint] = []
-    if required is not None:
-        if required in catalogue.HELD_OUT_TYPES:
-            raise ValueError(f"{required} is a held-out type; training windows never carry one")
-        chosen = [catalogue.make_constraint(required, rng, split="train")]
+               *, required: str | Sequence[str] = ()) -> Window:
+    """A window with 1..k compatible rules (train phrasings, seen types); the `required` types (compatible with
+    each other) are always among them, and k grows to hold them."""
+    required = [required] if isinstance(required, str) else list(required)
+    k = max(rng.randint(config.min_constraints, config.max_constraints), len(required))
+    held_out = sorted(set(required) & catalogue.HELD_OUT_TYPES)
+    if held_out:
+        raise ValueError(f"{', '.join(held_out)}: held-out type(s); training windows never carry one")
+    if not catalogue.compatible(required):
+        raise ValueError(f"required types {required} conflict with each other")
+    chosen = [catalogue.make_constraint(name, rng, split="train") for name in required]
     has_user_rule = any(c.type.introduced_by == "user" for c in chosen)
     if not has_user_rule and len(chosen) < k and rng.random() < config.user_rule_fraction:
         for rule in catalogue.sample_constraints(rng, 1, split="train", held_out=False, introduced_by="user"):

@@ -4,13 +4,15 @@ Rules are drawn at random per window, so a type that is often incompatible with
 others, or that fails its rewrite often, can end up in a handful of dialogues and
 never be learned. `build_with_quota` builds the set in chunks of windows; while a
 seen type has fewer than `minimum` built dialogues, the next windows are given
-that type (their other rules drawn as usual), until every type has its floor and
-the set its size, or the corpus runs out of windows. Held-out types never come in.
+the short types, several to a window (their other rules drawn as usual), until
+every type has its floor and the set its size, or the corpus runs out of
+windows. Held-out types never come in.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -27,15 +29,20 @@ def row_types(row: dict[str, Any]) -> list[str]:
 
 
 def _plan(windows: list[Window], deficits: Counter, config: DialogueConfig, rng: random.Random) -> list[Window]:
-    """Give the chunk's first windows the types still short, the largest shortfall first."""
+    """Give the chunk's first windows the types still short: up to `config.max_constraints` compatible ones per
+    window, the largest shortfall first."""
     planned, out = Counter(deficits), []
     for window in windows:
-        short = [t for t, n in planned.most_common() if n > 0]
-        if not short:
+        required: list[str] = []
+        for name, n in planned.most_common():
+            if len(required) == config.max_constraints:
+                break
+            if n > 0 and catalogue.compatible([*required, name]):
+                required.append(name)
+        if not required:
             out.append(window)
             continue
-        required = short[0]
-        planned[required] -= 1
+        planned.subtract(required)
         out.append(with_rules(window.dialogue, window.start_round, window.rounds, config, rng, required=required))
     return out
 
@@ -57,8 +64,10 @@ def build_with_quota(windows: Sequence[Window], build_chunk: Callable[[list[Wind
         if need <= 0 and not deficits:
             break
         # A small margin covers windows that end up skipped (a short chunk only costs another round of this
-        # loop, while every surplus window is sampled for nothing); forced windows carry one short type each.
-        size = max(need, 0) + max(2, max(need, 0) // 8) + sum(deficits.values())
+        # loop, while every surplus window is sampled for nothing). The short types ride on the windows the
+        # set needs anyway, several to a window; only a shortfall they cannot carry asks for more windows.
+        size = max(max(need, 0) + max(2, max(need, 0) // 8),
+                   math.ceil(sum(deficits.values()) / max(1, config.max_constraints)))
         chunk = list(itertools.islice(pool, size))
         if not chunk:
             break

@@ -138,6 +138,9 @@ def test_the_curriculum_floor_holds_in_the_built_set(tmp_path):
     report = manifest["sft"]["curriculum"]
     assert report["types_short_of_minimum"] == {} and report["dialogues_per_type"] == {
         t: counts[t] for t in curriculum.SEEN_TYPES}
+    # the short types ride several to a window on the windows the set needs, not one extra window each
+    # (28 types x 6 would be 168 windows)
+    assert report["windows_used"] <= 2 * 40 and len(rows) <= 2 * 40
     # without the floor, random draws leave some types under it at this size
     plain = DataBuildConfig(output_dir=str(tmp_path / "plain"), max_length=None,
                             sft=builders.SFTSetConfig(conversations=40), preferences=builders.PreferenceSetConfig(pairs=10))
@@ -152,8 +155,13 @@ def test_a_required_type_is_always_among_a_windows_rules():
         window = builders.with_rules(dialogue, 0, 4, builders.DialogueConfig(), rng, required=name)
         names = [c.type_name for c in window.constraints]
         assert name in names and catalogue.compatible(names)
+    several = ["lowercase", "include_word", "bullet_list"]
+    window = builders.with_rules(dialogue, 0, 4, builders.DialogueConfig(max_constraints=2), rng, required=several)
+    assert set(several) <= {c.type_name for c in window.constraints}
     with pytest.raises(ValueError, match="held-out"):
         builders.with_rules(dialogue, 0, 4, builders.DialogueConfig(), rng, required="title")
+    with pytest.raises(ValueError, match="conflict"):
+        builders.with_rules(dialogue, 0, 4, builders.DialogueConfig(), rng, required=["lowercase", "uppercase"])
 
 
 def test_on_policy_pairs_need_policy_replies(tmp_path):
