@@ -105,10 +105,18 @@ def test_pipeline_runs_every_stage_compares_checkpoints_and_skips_on_rerun(tiny_
     assert load_recipe(run / "dpo" / "config.yaml").model.name_or_path == str(run / "sft")
 
     rerun_messages: list[str] = []
-    pipeline.main(recipe, log=rerun_messages.append)
+    rerun = pipeline.main(recipe, log=rerun_messages.append)
     skipped = [m for m in rerun_messages if "skipped" in m]
     assert len(skipped) == 6, rerun_messages  # five steps and the evaluation
     assert not any("running" in m for m in rerun_messages)
+    # A skipped step keeps the time and memory it cost when it ran.
+    for first, again in zip(summary["steps"], rerun["steps"], strict=True):
+        assert again["skipped"] and not first["skipped"]
+        assert first["seconds"] > 0 and first["peak_rss_gib"] > 0
+        assert (again["seconds"], again["peak_rss_gib"]) == (first["seconds"], first["peak_rss_gib"])
+    assert rerun["eval"]["skipped"] and rerun["eval"]["seconds"] == summary["eval"]["seconds"] > 0
+    sft_row = next(line for line in (run / "summary.md").read_text().splitlines() if line.startswith("| sft | sft |"))
+    assert f"| {summary['steps'][1]['seconds']} s |" in sft_row and "skipped" in sft_row
 
     # Issue 18 item 1: a changed step is trained again, and so is every step reading its output.
     recipe.steps[1].overrides = ["training.learning_rate=3e-5"]

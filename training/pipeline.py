@@ -46,6 +46,7 @@ from dialogrl.training.run_lifecycle import StageError
 
 TRAINING_STAGES = ("sft", "reward", "dpo", "ppo")
 CHECKPOINT_STAGES = ("sft", "dpo", "ppo")  # stages that produce a policy worth evaluating
+STEP_RECORD = "pipeline_step.json"  # a step's time and peak memory, kept next to its outputs
 
 
 @dataclass
@@ -157,7 +158,9 @@ def run_step(step: PipelineStep, stage_recipe: Any, step_dir: Path, log=print) -
     current = fingerprint(recipe_to_dict(stage_recipe))
     if completed_digest(step.stage, step_dir) == current.digest:
         log(f"[{step.name}] skipped: outputs complete for this recipe and inputs in {step_dir}")
-        return {"name": step.name, "stage": step.stage, "skipped": True, "dir": str(step_dir)}
+        # The time and memory the outputs cost when they were made, so a rerun's summary still reports them.
+        return _recorded_step(step_dir) | {"name": step.name, "stage": step.stage, "skipped": True,
+                                           "dir": str(step_dir)}
     before = read_fingerprint(step_dir)
     if step_dir.is_dir() and any(step_dir.iterdir()) and (before is None or before.digest != current.digest):
         changes = current.changes_from(before) if before is not None else ["(no fingerprint.json: unknown recipe)"]
@@ -171,9 +174,17 @@ def run_step(step: PipelineStep, stage_recipe: Any, step_dir: Path, log=print) -
         result = module.main(stage_recipe, log=lambda msg: log(f"[{step.name}] {msg}"))
     seconds = time.perf_counter() - started
     log(f"[{step.name}] done in {seconds:.0f} s, peak resident memory {peak.gib:.1f} GiB")
-    return {"name": step.name, "stage": step.stage, "skipped": False, "dir": str(step_dir),
-            "seconds": round(seconds, 1), "peak_rss_gib": peak.gib, "peak_is_per_step": peak.per_step,
-            "metrics": result.get("metrics") if isinstance(result, dict) else None}
+    record = {"seconds": round(seconds, 1), "peak_rss_gib": peak.gib, "peak_is_per_step": peak.per_step,
+              "metrics": result.get("metrics") if isinstance(result, dict) else None}
+    (step_dir / STEP_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return {"name": step.name, "stage": step.stage, "skipped": False, "dir": str(step_dir)} | record
+
+
+def _recorded_step(step_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((step_dir / STEP_RECORD).read_text())
+    except (OSError, ValueError):
+        return {}  # made by a pipeline that kept no record: the summary shows "-" for its time
 
 
 def _git_commit() -> str | None:
@@ -242,6 +253,14 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _step_line(step: dict[str, Any]) -> str:
+    # A skipped step reports what it cost when its outputs were made.
+    state = "skipped (complete; time from when it ran)" if step.get("skipped") else "ran"
+    seconds = f"{step['seconds']} s" if "seconds" in step else "-"
+    peak = f"{step['peak_rss_gib']:.1f} GiB" if "peak_rss_gib" in step else "-"
+    return f"| {step['name']} | {step['stage']} | {seconds} | {peak} | {state} |"
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
     rounds = next(iter(summary["models"].values()))["rounds"] if summary["models"] else 0
     lines = [
@@ -263,12 +282,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                      f"{_fmt(row['unseen'])} | {_fmt(row['gate_pass_rate'])} | {_fmt(row.get('repeat_rate'))} | "
                      f"{_fmt(row.get('echo_rate'))} | {_fmt(row.get('responsive_rate'))} |")
     lines += ["", "| step | stage | time | peak resident memory | state |", "|---|---|---|---|---|"]
-    for step in summary["steps"]:
-        state = "skipped (complete)" if step["skipped"] else "ran"
-        peak = f"{step['peak_rss_gib']:.1f} GiB" if "peak_rss_gib" in step else "-"
-        lines.append(f"| {step['name']} | {step['stage']} | {step.get('seconds', '-')} s | {peak} | {state} |")
+    lines += [_step_line(step) for step in summary["steps"]]
     if "eval" in summary:
-        lines.append(f"| eval | eval | {summary['eval']['seconds']} s | {summary['eval']['peak_rss_gib']:.1f} GiB | ran |")
+        lines.append(_step_line({"name": "eval", "stage": "eval"} | summary["eval"]))
     lines += ["", "Curves with 95% bootstrap bands: `adherence.png`; full report: `eval/report.md`.", ""]
     return "\n".join(lines)
 
@@ -284,10 +300,17 @@ def main(recipe: PipelineRecipe, log=print) -> dict[str, Any]:
     wired = wire(recipe, run_dir)
     steps = [run_step(step, stage_recipe, step_dir, log) for step, stage_recipe, step_dir in wired]
     eval_started = time.perf_counter()
+    report_path = run_dir / "eval" / "report.json"
+    report_before = report_path.stat().st_mtime_ns if report_path.is_file() else None
     with PeakMemory() as peak:
         report = evaluate_checkpoints(recipe, wired, run_dir, log)
-    evaluation = {"seconds": round(time.perf_counter() - eval_started, 1), "peak_rss_gib": peak.gib,
-                  "peak_is_per_step": peak.per_step}
+    if report_path.stat().st_mtime_ns == report_before:
+        evaluation = _recorded_step(run_dir / "eval") | {"skipped": True}
+    else:
+        evaluation = {"seconds": round(time.perf_counter() - eval_started, 1), "peak_rss_gib": peak.gib,
+                      "peak_is_per_step": peak.per_step}
+        (run_dir / "eval" / STEP_RECORD).write_text(json.dumps(evaluation, indent=2) + "\n")
+        evaluation["skipped"] = False
     summary = summarise(report, steps, recipe, run_dir, time.perf_counter() - started) | {"eval": evaluation}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (run_dir / "summary.md").write_text(summary_markdown(summary))
