@@ -55,13 +55,15 @@ SAMPLED_TURN_GROUP = ("reward.rm_weight=0", "reward.rule_weight=1", "sampling.ma
                       "ppo.generation_batch_size=2", "ppo.scale_by_group_std=false", "responsiveness.enabled=false")
 
 
-def _ppo_on_two_processes_and_one(backend: str, args: list[str], episodes: int, tmp_path: Path):
-    """Metrics of PPO on 2 processes x `episodes` and on 1 x twice as many, one minibatch per update
-    (its rows are then the same in both runs); the runs are in tmp_path/two and tmp_path/one."""
+def _ppo_on_two_processes_and_one(backend: str, args: list[str], episodes: int, tmp_path: Path,
+                                  two_only: tuple[str, ...] = ()):
+    """Metrics of PPO on 2 processes x `episodes` (with `two_only` overrides too) and on 1 x twice as many,
+    one minibatch per update (its rows are then the same in both runs); the runs are in tmp_path/two and
+    tmp_path/one."""
     from test_ppo import metrics
 
-    for command, n, name in ((_launch(backend), episodes, "two"), (CLI, 2 * episodes, "one")):
-        _run([*command, *args, f"ppo.episodes_per_update={n}", f"ppo.minibatch_episodes={n}",
+    for command, n, name, extra in ((_launch(backend), episodes, "two", two_only), (CLI, 2 * episodes, "one", ())):
+        _run([*command, *args, *extra, f"ppo.episodes_per_update={n}", f"ppo.minibatch_episodes={n}",
               f"output_dir={tmp_path / name}"])
     return metrics(tmp_path / "two"), metrics(tmp_path / "one")
 
@@ -153,10 +155,13 @@ def test_ppo_sharded_steps_once_per_minibatch_and_clips_as_one_process(backend, 
     logged gradient norm is the real one (under ZeRO-2 it was 0, or prepare failed, before), and with
     ppo.max_grad_norm far below it the second update's scores and losses still match: the backend clipped
     where one process did. Sampled replies of different lengths make the two processes call the model a
-    different number of times: under ZeRO-3 and FSDP2 this hung until rollouts gathered the weights once."""
+    different number of times: under ZeRO-3 and FSDP2 this hung until rollouts gathered the weights once.
+    The two processes run every row in a micro-batch of its own (gradients accumulated, DeepSpeed stepping
+    at the last one only; a process with fewer rows runs zero-weighted passes to keep the collectives in
+    step); the one process runs each minibatch in one pass."""
     args = _ppo_args(tiny_model_dir, tmp_path, *SAMPLED_TURN_GROUP, "ppo.epochs=2", "ppo.learning_rate=1e-2",
                      "ppo.max_grad_norm=0.05")
-    two, one = _ppo_on_two_processes_and_one(backend, args, 4, tmp_path)
+    two, one = _ppo_on_two_processes_and_one(backend, args, 4, tmp_path, two_only=("ppo.micro_batch_tokens=1",))
     summary = json.loads((tmp_path / "two" / "run_summary.json").read_text())
     assert summary["distributed"]["type"] == BACKENDS[backend] and summary["world_size"] == 2
     if backend != "zero2":

@@ -104,6 +104,12 @@ class PPOOptions:
         4, minimum=1, help="Episodes per gradient step (per process); turn_group trains on its replies in "
         "episodes_per_update / minibatch_episodes minibatches too."
     )
+    micro_batch_tokens: int = option(
+        4096, minimum=1, help="Most tokens (rows x padded length) one forward pass holds. Each minibatch, and each "
+        "scoring pass over the rollout, runs in micro-batches under this budget, gradients accumulated into the "
+        "minibatch's one optimizer step (the same step: every loss term is a sum over the minibatch's tokens). "
+        "Memory grows with it: ~1 MB of activations a token for SmolLM2-135M in float32; raise it on a GPU."
+    )
     epochs: int = option(2, minimum=1, help="Passes over each rollout batch, in reshuffled minibatches.")
     learning_rate: float = option(1e-5, help="Policy learning rate.")
     critic_learning_rate: float = option(5e-5, help="Critic learning rate (its own parameter group).")

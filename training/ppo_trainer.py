@@ -52,7 +52,7 @@ from torch import nn
 
 from dialogrl.evaluation.rollout import DialogueSpec, RolloutEngine, Trajectory
 from dialogrl.evaluation.scenarios import Scenario
-from dialogrl.training import ppo_math
+from dialogrl.training import micro_batches, ppo_math
 from dialogrl.training.launch_backend import whole_weights
 from dialogrl.training.ppo_config import PPORecipe
 from dialogrl.training.run_lifecycle import rotate_checkpoints
@@ -74,8 +74,9 @@ class ActorCritic(nn.Module):
 
         return position_scores(self.critic, input_ids, attention_mask)  # [B, L]
 
-    def forward(self, input_ids, attention_mask, logits_to_keep: int = 0):
-        """Logits of the last `logits_to_keep` positions (0: all) [B, keep, V], and values [B, L] (or None)."""
+    def forward(self, input_ids, attention_mask, logits_to_keep: int | torch.Tensor = 0):
+        """Logits [B, kept, V] of the positions `logits_to_keep` names (transformers' argument: the last n, 0 for
+        all, or a 1-D tensor of positions), and values [B, L] (or None)."""
         logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep).logits
         return logits, None if self.critic is None else self.values(input_ids, attention_mask)
 
@@ -104,10 +105,9 @@ class Rollout:
     returns: torch.Tensor | None = None
 
 
-def first_action(action_mask: torch.Tensor) -> int:
-    """The first target position [0, L-1) that any row of the batch generated (0 when none did)."""
-    generated = action_mask.any(dim=0).nonzero()
-    return int(generated[0]) if generated.numel() else 0
+def scored_positions(action_mask: torch.Tensor) -> torch.Tensor:
+    """The target positions [0, L-1) that any row of the batch generated, as a 1-D tensor (empty when none did)."""
+    return action_mask.any(dim=0).nonzero().squeeze(-1)
 
 
 def pad_trajectories(trajectories: list[Trajectory], pad_id: int, rounds: int):
@@ -172,17 +172,38 @@ class PPOTrainer:
     def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(tensor, reduction="sum")
 
-    def _logprobs(self, model, input_ids, attention_mask, action_mask) -> torch.Tensor:
-        """[B, L-1] log-probs of every target from the batch's first generated one on; 0 before it."""
-        start = first_action(action_mask)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                       logits_to_keep=input_ids.shape[1] - start).logits
-        return self._target_logprobs(logits, input_ids, start)
+    def _micro_batches(self, attention_mask: torch.Tensor, action_mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+        """(row indices, width without the rows' shared right padding) of each micro-batch of the rows under
+        `ppo.micro_batch_tokens`; rows whose generated tokens start together share a micro-batch."""
+        lengths = attention_mask.sum(dim=1).tolist()
+        starts = action_mask.float().argmax(dim=1).tolist()
+        return [(torch.tensor(rows, device=attention_mask.device), max(lengths[i] for i in rows))
+                for rows in micro_batches.within_budget(lengths, self.options.micro_batch_tokens, starts)]
 
-    def _target_logprobs(self, logits: torch.Tensor, input_ids: torch.Tensor, start: int) -> torch.Tensor:
-        """Logits of positions start.. [B, L-start, V] -> log-probs [B, L-1] aligned to targets, 0 before start."""
-        picked = ppo_math.logprobs_from_logits(logits[:, :-1], input_ids[:, start + 1:], self.temperature)
-        return torch.nn.functional.pad(picked, (start, 0))
+    def _logprobs(self, model, input_ids, attention_mask, action_mask) -> torch.Tensor:
+        """[B, L-1] log-probs of every generated target; 0 elsewhere."""
+        out = torch.zeros(action_mask.shape, dtype=torch.float32, device=input_ids.device)
+        for rows, width in self._micro_batches(attention_mask, action_mask):
+            ids, kept = input_ids[rows, :width], scored_positions(action_mask[rows, : width - 1])
+            logits = model(input_ids=ids, attention_mask=attention_mask[rows, :width], logits_to_keep=kept).logits
+            out[rows, : width - 1] = self._target_logprobs(logits, ids, kept)
+        return out
+
+    def _target_logprobs(self, logits: torch.Tensor, input_ids: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """Logits at target positions `kept` [B, P, V] -> log-probs [B, L-1] aligned to targets, 0 elsewhere.
+
+        Only the positions some row generated get logits: a turn-group row trains on its last reply alone,
+        and the [rows, positions, vocabulary] logits are most of a pass's memory."""
+        picked = ppo_math.logprobs_from_logits(logits, input_ids[:, kept + 1], self.temperature)
+        return picked.new_zeros((input_ids.shape[0], input_ids.shape[1] - 1)).index_copy(1, kept, picked)
+
+    def _values(self, input_ids, attention_mask) -> torch.Tensor:
+        """[B, L] critic values, in micro-batches; 0 on right padding."""
+        out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+        every_position = attention_mask[:, 1:].bool()  # every position gets a value: rows grouped by length
+        for rows, width in self._micro_batches(attention_mask, every_position):
+            out[rows, :width] = self.unwrapped.values(input_ids[rows, :width], attention_mask[rows, :width]).float()
+        return out
 
     # ------------------------------------------------------------------ rollout and scoring
 
@@ -301,7 +322,7 @@ class PPOTrainer:
     def _gae_advantages(self, rollout: Rollout, kl_in_reward: float) -> None:
         o = self.options
         ids, attention, mask = rollout.input_ids, rollout.attention_mask, rollout.action_mask
-        all_values = self.unwrapped.values(ids, attention)  # [B, L]: V after reading token t
+        all_values = self._values(ids, attention)  # [B, L]: V after reading token t
         rollout.old_values = torch.where(mask, all_values[:, :-1], 0.0)  # value before emitting target t
         rewards = ppo_math.place_turn_rewards(torch.nan_to_num(rollout.scores), rollout.turn_ids)
         if kl_in_reward:
@@ -373,25 +394,57 @@ class PPOTrainer:
         return {key: value / steps for key, value in totals.items()}
 
     def _minibatch_step(self, rollout: Rollout, index: torch.Tensor, world: int) -> dict[str, float]:
+        """One optimizer step on the minibatch's rows, run in micro-batches with their gradients accumulated."""
         o = self.options
-        ids, attention = rollout.input_ids[index], rollout.attention_mask[index]
-        mask = rollout.action_mask[index]
-        # Trim right padding shared by the whole minibatch.
-        width = int(attention.sum(dim=1).max())
-        ids, attention, mask = ids[:, :width], attention[:, :width], mask[:, : width - 1]
-        pick = lambda x: x[index][:, : width - 1]  # noqa: E731
         # Token mean over the minibatch's generated tokens on every process; DDP then averages the
         # gradients over processes, so the loss is scaled by the world size to keep a global token mean.
-        (global_tokens,) = self._reduce_sum([mask.sum().item()])
-        # The LM head and the softmax run only from the first generated token on: the system prompt and
-        # the first user turn (most of a single-turn row) are never targets of the loss.
-        start = first_action(mask)
-        logits, values = self.model(ids, attention, width - start)
-        logprobs = self._target_logprobs(logits, ids, start)
+        (global_tokens,) = self._reduce_sum([rollout.action_mask[index].sum().item()])
         if o.old_logprobs_from_training_pass:  # this minibatch is the whole rollout, trained once
+            rollout.kl = torch.zeros_like(rollout.action_mask, dtype=torch.float32)
+        micro = [(index[rows], width, 1.0)
+                 for rows, width in self._micro_batches(rollout.attention_mask[index], rollout.action_mask[index])]
+        # Every process runs as many forward and backward passes (DDP reduces, FSDP and ZeRO-3 gather, in each):
+        # one with fewer micro-batches runs its first one again with its loss weighted 0.
+        count = int(self.accelerator.gather(torch.tensor([len(micro)], device=index.device)).max())
+        micro += [(micro[0][0], micro[0][1], 0.0)] * (count - len(micro))
+        sums: dict[str, float] = {}
+        for i, (rows, width, weight) in enumerate(micro):
+            for key, value in self._micro_step(rollout, rows, width, weight, global_tokens, world,
+                                               last=i == count - 1).items():
+                sums[key] = sums.get(key, 0.0) + value
+        grad_policy, grad_critic = self._clip_and_step()
+        # Micro-batch means weighted by their tokens, summed over micro-batches and processes: exact global means.
+        keys = list(sums)
+        weighted = dict(zip(keys, self._reduce_sum([sums[key] for key in keys]), strict=True))
+        tokens = max(global_tokens, 1)
+        stats = {
+            "policy/ratio": weighted["ratio"] / tokens, "policy/clipfrac": weighted["clipfrac"] / tokens,
+            "policy/approx_kl": weighted["approx_kl"] / tokens, "policy/entropy": weighted["entropy"] / tokens,
+            "loss/policy": weighted["loss_policy"], "grad_norm/policy": float(grad_policy),
+        }
+        if self.unwrapped.critic is not None:
+            stats |= {"loss/value": weighted["loss_value"], "value/clipfrac": weighted["value_clipfrac"] / tokens}
+        if grad_critic is not None:
+            stats["grad_norm/critic"] = float(grad_critic)
+        if o.kl_in_loss:
+            stats["loss/kl"] = weighted["loss_kl"]
+        return stats
+
+    def _micro_step(self, rollout: Rollout, rows: torch.Tensor, width: int, weight: float, global_tokens: float,
+                    world: int, last: bool) -> dict[str, float]:
+        """Forward and backward on `rows` (trimmed to `width`), loss scaled by `weight`; its statistics as token
+        sums (means x this micro-batch's generated tokens) and loss parts, for `_minibatch_step` to add up."""
+        o = self.options
+        ids, attention = rollout.input_ids[rows, :width], rollout.attention_mask[rows, :width]
+        mask = rollout.action_mask[rows, : width - 1]
+        pick = lambda x: x[rows][:, : width - 1]  # noqa: E731
+        # The LM head and the softmax run only where a row generated: history is never a target of the loss.
+        kept = scored_positions(mask)
+        logits, values = self.model(ids, attention, kept)
+        logprobs = self._target_logprobs(logits, ids, kept)
+        if o.old_logprobs_from_training_pass:
             old_logprobs = logprobs.detach()
-            rollout.kl = torch.zeros_like(rollout.action_mask, dtype=logprobs.dtype)
-            rollout.kl[index, : width - 1] = ppo_math.kl_penalty(old_logprobs, pick(rollout.ref_logprobs), mask, "k1")
+            rollout.kl[rows, : width - 1] = ppo_math.kl_penalty(old_logprobs, pick(rollout.ref_logprobs), mask, "k1")
         else:
             old_logprobs = pick(rollout.old_logprobs)
         p_loss, p_stats = ppo_math.policy_loss(logprobs, old_logprobs, pick(rollout.advantages), mask,
@@ -410,33 +463,28 @@ class PPOTrainer:
             loss = loss + kl_loss
         # One entropy pass: differentiated only when it is a loss term.
         with torch.set_grad_enabled(bool(o.entropy_coef)):
-            entropy = torch.nn.functional.pad(ppo_math.entropy_from_logits(logits[:, :-1] / self.temperature),
-                                              (start, 0))
+            entropy = logprobs.new_zeros(mask.shape).index_copy(
+                1, kept, ppo_math.entropy_from_logits(logits / self.temperature))
         if o.entropy_coef:
             loss = loss - o.entropy_coef * torch.where(mask, entropy, 0.0).sum() / max(global_tokens, 1)
-        self.accelerator.backward(loss * world)
-        grad_policy, grad_critic = self._clip_and_step()
-        local_tokens = mask.sum().item()
-        # Chunk means weighted by their tokens, summed over processes: exact global means.
-        weighted = self._reduce_sum([
-            p_stats["ratio"].item() * local_tokens, p_stats["clipfrac"].item() * local_tokens,
-            p_stats["approx_kl"].item() * local_tokens, value_clipfrac * local_tokens,
-            ppo_math.masked_mean(entropy.detach(), mask).item() * local_tokens, p_loss.item(), v_loss.item(),
-            kl_loss.item(),
-        ])
-        tokens = max(global_tokens, 1)
-        stats = {
-            "policy/ratio": weighted[0] / tokens, "policy/clipfrac": weighted[1] / tokens,
-            "policy/approx_kl": weighted[2] / tokens, "policy/entropy": weighted[4] / tokens,
-            "loss/policy": weighted[5], "grad_norm/policy": float(grad_policy),
+        self._backward(loss * (world * weight), last)
+        tokens = mask.sum().item() * weight
+        return {
+            "ratio": p_stats["ratio"].item() * tokens, "clipfrac": p_stats["clipfrac"].item() * tokens,
+            "approx_kl": p_stats["approx_kl"].item() * tokens, "value_clipfrac": value_clipfrac * tokens,
+            "entropy": ppo_math.masked_mean(entropy.detach(), mask).item() * tokens,
+            "loss_policy": p_loss.item() * weight, "loss_value": v_loss.item() * weight, "loss_kl": kl_loss.item() * weight,
         }
-        if values is not None:
-            stats |= {"loss/value": weighted[6], "value/clipfrac": weighted[3] / tokens}
-        if grad_critic is not None:
-            stats["grad_norm/critic"] = float(grad_critic)
-        if o.kl_in_loss:
-            stats["loss/kl"] = weighted[7]
-        return stats
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Backward of one micro-batch. accelerate's DeepSpeed backward also steps the engine: there, only the
+        minibatch's last micro-batch is a gradient-accumulation boundary (the others accumulate)."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            self.accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=last)
+        else:
+            self.accelerator.backward(loss)
 
     def _clip_and_step(self) -> tuple[float, float | None]:
         """Clip at `ppo.max_grad_norm` and take the optimizer step; returns the gradient norms before clipping
