@@ -29,6 +29,9 @@ from typing import Any
 FINGERPRINT_FILENAME = "fingerprint.json"
 RECORD_FILENAMES = ("run_summary.json", "manifest.json")
 IGNORED_KEYS = ("output_dir", "resume", "tracking")
+# Keys whose values are names, never paths: `stage: data` run from the repository root named the package's
+# own data/ directory, so every edit there (or a new __pycache__) made the data step stale and rebuilt it.
+NAME_KEYS = ("stage",)
 HASHED_FILE_LIMIT = 512 * 2**20
 _RECORD_SEARCH_DEPTH = 2  # a file in an output (data/sft.jsonl) or its merged/ model: up to the grandparent
 
@@ -71,7 +74,7 @@ def fingerprint(recipe: dict[str, Any], ignored: tuple[str, ...] = IGNORED_KEYS)
     flat = {key: value for key, value in _flatten(recipe) if not _is_ignored(key, ignored)}
     own = Path(recipe["output_dir"]).resolve() if isinstance(recipe.get("output_dir"), str) else None
     inputs = {}
-    for value in _strings(flat.values()):
+    for value in _strings(v for key, v in flat.items() if key not in NAME_KEYS):
         if _names_a_path(value) and not (own is not None and _within(Path(value).resolve(), own)):
             inputs[value] = input_identity(Path(value))
     return Fingerprint(flat, inputs)

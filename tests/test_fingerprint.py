@@ -64,6 +64,15 @@ def test_paths_inside_the_output_dir_and_the_working_directory_are_not_inputs(tm
     assert fingerprint(recipe).inputs == {}
 
 
+def test_a_stage_name_that_is_also_a_directory_is_not_an_input(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()  # the repository root holds the package's data/ next to the recipes
+    (tmp_path / "data" / "build.py").write_text("x")
+    recipe = _recipe(tmp_path) | {"stage": "data"}
+    assert fingerprint(recipe).inputs == {}
+    assert fingerprint(recipe | {"sft": {"path": "data"}}).inputs.keys() == {"data"}  # a path field still is
+
+
 def test_a_fingerprint_round_trips_through_its_file(tmp_path):
     (tmp_path / "rows.jsonl").write_text("{}\n")
     fp = fingerprint(_recipe(tmp_path))
