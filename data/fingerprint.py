@@ -61,7 +61,11 @@ class Fingerprint:
             if old != new:
                 lines.append(f"{key}: {_short(old)} -> {_short(new)}")
         for path in sorted(set(before.inputs) | set(self.inputs)):
-            if path in before.inputs and path in self.inputs and before.inputs[path] != self.inputs[path]:
+            if path not in self.inputs:
+                lines.append(f"{path}: no longer read as an input")
+            elif path not in before.inputs:
+                lines.append(f"{path}: read as an input now")
+            elif before.inputs[path] != self.inputs[path]:
                 lines.append(f"{path}: its contents changed")
         if len(lines) > limit:
             lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
