@@ -585,34 +585,47 @@ def test_one_step_per_rollout_takes_old_logprobs_from_the_training_pass(tiny_mod
 
 
 @pytest.mark.parametrize("advantage", ["gae", "turn_group"])
-def test_micro_batches_take_the_step_of_the_whole_minibatch(tiny_model_dir, tmp_path, monkeypatch, advantage):
+def test_micro_batches_and_checkpointing_take_the_step_of_the_whole_minibatch(tiny_model_dir, tmp_path, monkeypatch,
+                                                                           advantage):
     """ppo.micro_batch_tokens=1 runs every row in a pass of its own (gradients accumulated, scoring passes
-    split too); the update's statistics and the trained weights are those of one pass per minibatch."""
-    def two_updates(output_dir: Path, budget: int) -> tuple[list[dict], dict, int]:
+    split too), ppo.gradient_checkpointing recomputes the layers in the backward pass: the updates'
+    statistics and the trained weights are those of one plain pass per minibatch."""
+    def two_updates(output_dir: Path, *overrides: str) -> tuple[list[dict], dict, dict]:
         trainer, _ = ppo.build(ppo_recipe(tiny_model_dir, output_dir, f"ppo.advantage={advantage}",
                                           "ppo.group_size=2", "ppo.epochs=2", "ppo.learning_rate=1e-3",
-                                          "lora.enabled=false", "ppo.updates=2", f"ppo.micro_batch_tokens={budget}"),
+                                          "lora.enabled=false", "ppo.updates=2", *overrides),
                                rule_score_fn=words_score, log=silent)
-        backwards = []
         initial.update({name: p.detach().clone() for name, p in trainer.unwrapped.policy.named_parameters()})
+        counts = {"backward": 0, "recomputed": 0}
         backward = trainer._backward
-        monkeypatch.setattr(trainer, "_backward", lambda *a: backwards.append(1) or backward(*a))
+        monkeypatch.setattr(trainer, "_backward", lambda *a: counts.update(backward=counts["backward"] + 1) or backward(*a))
+        # A checkpointed layer runs its forward again in the backward pass: count its MLP's forward calls under
+        # grad (module hooks do not fire in the recompute, so the forward itself is wrapped).
+        mlp = trainer.unwrapped.policy.model.layers[0].mlp
+        mlp_forward = mlp.forward
+        monkeypatch.setattr(mlp, "forward", lambda x: counts.update(
+            recomputed=counts["recomputed"] + torch.is_grad_enabled()) or mlp_forward(x))
         stats = [reproducible(trainer.step()) for _ in range(2)]
-        return stats, {name: p.detach().clone() for name, p in trainer.unwrapped.policy.named_parameters()}, \
-            len(backwards)
+        return stats, {name: p.detach().clone() for name, p in trainer.unwrapped.policy.named_parameters()}, counts
 
     initial = {}
-    whole, whole_weights, whole_backwards = two_updates(tmp_path / "whole", 1_000_000)
-    split, split_weights, split_backwards = two_updates(tmp_path / "split", 1)
+    whole, whole_weights, whole_counts = two_updates(tmp_path / "whole", "ppo.micro_batch_tokens=1000000")
     # 2 updates x 2 epochs x 2 minibatches; split, one backward per row of each minibatch.
-    assert whole_backwards == 8 and split_backwards >= 16, (whole_backwards, split_backwards)
+    assert whole_counts["backward"] == 8, whole_counts
     assert abs(whole[1]["kl/episode"]) > 1e-4  # update 2 trains a policy that moved
-    for update_whole, update_split in zip(whole, split, strict=True):
-        assert update_whole.keys() == update_split.keys()
-        for key in update_whole:
-            assert update_split[key] == pytest.approx(update_whole[key], rel=1e-4, abs=1e-5), key
-    # Adam divides by the root of the squared gradients, so a weight whose gradient is ~0 moves by the rounding
-    # of the two summation orders: each tensor agrees to 1% of how far training moved it.
-    for name, weight in whole_weights.items():
-        moved = float((weight - initial[name]).abs().max())
-        assert moved > 1e-3 and float((split_weights[name] - weight).abs().max()) < 0.01 * moved, name
+    for overrides, check in (
+        (("ppo.micro_batch_tokens=1",), lambda counts: counts["backward"] >= 16),
+        (("ppo.micro_batch_tokens=1000000", "ppo.gradient_checkpointing=true"),
+         lambda counts: counts["recomputed"] >= whole_counts["recomputed"] + 8),
+    ):
+        other, other_weights, counts = two_updates(tmp_path / overrides[-1], *overrides)
+        assert check(counts), (overrides, counts, whole_counts)
+        for update_whole, update_other in zip(whole, other, strict=True):
+            assert update_whole.keys() == update_other.keys()
+            for key in update_whole:
+                assert update_other[key] == pytest.approx(update_whole[key], rel=1e-4, abs=1e-5), (overrides, key)
+        # Adam divides by the root of the squared gradients, so a weight whose gradient is ~0 moves by the
+        # rounding of two summation orders: each tensor agrees to 1% of how far training moved it.
+        for name, weight in whole_weights.items():
+            moved = float((weight - initial[name]).abs().max())
+            assert moved > 1e-3 and float((other_weights[name] - weight).abs().max()) < 0.01 * moved, (overrides, name)

@@ -10,7 +10,13 @@ from dialogrl.evaluation.scenarios import Scenario, ScenarioConfig, build_scenar
 from dialogrl.training.config import dump_recipe
 from dialogrl.training.launch_backend import engage_launch_backend, unsharded_loading
 from dialogrl.training.ppo_config import PPORecipe
-from dialogrl.training.ppo_trainer import STATE_FILENAME, ActorCritic, PPOTrainer, summarise_history
+from dialogrl.training.ppo_trainer import (
+    STATE_FILENAME,
+    ActorCritic,
+    PPOTrainer,
+    enable_activation_checkpointing,
+    summarise_history,
+)
 from dialogrl.training.run_lifecycle import (
     Run,
     distributed_backend,
@@ -158,6 +164,10 @@ def build(recipe: PPORecipe, *, rule_score_fn: RuleScoreFn | None = None, log=pr
                               mixed_precision="bf16" if flags["bf16"] else "no")
     set_seed(recipe.ppo.seed)
     policy, reference, critic, reward_model, reward_chat, tokenizer = load_models(recipe)
+    if recipe.ppo.gradient_checkpointing:
+        for model in (policy, critic):
+            if model is not None:
+                enable_activation_checkpointing(model)
     actor_critic = ActorCritic(policy, critic)
     groups = [
         {"name": "policy", "params": [p for p in policy.parameters() if p.requires_grad], "lr": recipe.ppo.learning_rate},

@@ -110,6 +110,10 @@ class PPOOptions:
         "minibatch's one optimizer step (the same step: every loss term is a sum over the minibatch's tokens). "
         "Memory grows with it: ~1 MB of activations a token for SmolLM2-135M in float32; raise it on a GPU."
     )
+    gradient_checkpointing: bool = option(
+        False, help="Recompute each decoder layer's activations in the backward pass (policy and critic): a pass "
+        "then holds one layer's activations instead of every layer's, for about one more forward pass of compute."
+    )
     epochs: int = option(2, minimum=1, help="Passes over each rollout batch, in reshuffled minibatches.")
     learning_rate: float = option(1e-5, help="Policy learning rate.")
     critic_learning_rate: float = option(5e-5, help="Critic learning rate (its own parameter group).")

@@ -41,7 +41,8 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -103,6 +104,34 @@ class Rollout:
     kl: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """transformers' activation checkpointing of `model`'s decoder layers (a PEFT model's base model), non-reentrant."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
+@contextmanager
+def checkpointing_layers(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """While the training forward runs, mark `model`'s decoder layers as training and nothing else.
+
+    transformers checkpoints a layer only in training mode, and PPO keeps every module in eval mode
+    (dropout would make the ratio of two passes over the same tokens differ from 1). Setting the
+    layers' own flag, not `.train()`, leaves their attention and MLP submodules, and so any dropout,
+    in eval mode; the recompute in the backward pass then runs the same function.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)] if enabled else []
+    for layer in layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.training = False
 
 
 def scored_positions(action_mask: torch.Tensor) -> torch.Tensor:
@@ -440,7 +469,8 @@ class PPOTrainer:
         pick = lambda x: x[rows][:, : width - 1]  # noqa: E731
         # The LM head and the softmax run only where a row generated: history is never a target of the loss.
         kept = scored_positions(mask)
-        logits, values = self.model(ids, attention, kept)
+        with checkpointing_layers(self.unwrapped, o.gradient_checkpointing):
+            logits, values = self.model(ids, attention, kept)
         logprobs = self._target_logprobs(logits, ids, kept)
         if o.old_logprobs_from_training_pass:
             old_logprobs = logprobs.detach()
