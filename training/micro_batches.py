@@ -5,8 +5,8 @@ scoring pass over a whole rollout can hold tens of thousands of tokens; run in o
 forward pass, its activations and its [rows, positions, vocabulary] logits dominate
 the step's memory. Run in micro-batches of at most `budget` padded tokens, with the
 gradients accumulated, the step is the same and its memory is bounded by the budget.
-verl calls this dynamic batch size (`ppo_max_token_len_per_gpu`); TRL's trainers fix
-a row count instead, which bounds nothing when row lengths vary tenfold.
+verl calls this dynamic batch size (`ppo_max_token_len_per_gpu`). A fixed row count per
+pass bounds nothing when row lengths vary tenfold, as turn-group rows do.
 """
 
 from __future__ import annotations
