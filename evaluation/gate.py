@@ -22,8 +22,10 @@ Dialogue-aware checks (`check_dialogue_gate`), which need the history:
   the same dialogue. "Nearly" is word-sequence similarity 2M / (|a| + |b|),
   M = words in the longest matching blocks (difflib), over lowercased words
   with punctuation dropped: 1.0 for the same words in the same order, so
-  "I'm not sure." vs "I'm not sure, sorry." is 0.86. Symmetric on purpose: a
+  "I'm not sure." vs "I'm not sure, sorry." is 0.89. Symmetric on purpose: a
   reply that takes an earlier sentence and adds as much again is new text.
+  Contractions are spelled out before comparing ("how's" -> "how is",
+  "don't" -> "do not"), so "How's it going?" to "How is it going?" is an echo.
 - echo: most of the reply's words are the user's last turn played back, in
   order: M / |reply| against that turn ("do you like pizza?" -> "you like
   pizza?" is 1.0, "yes, I like pizza" 0.5).
@@ -135,9 +137,27 @@ def check_gate(reply: str, config: GateConfig | None = None) -> GateResult:
 
 # --------------------------------------------------------------------------- dialogue-aware
 
+# Spelled out so a contraction cannot hide a replay. "'s" and "'d" are ambiguous (is/has, would/had,
+# possessive); one fixed reading serves, because both sides of a comparison get the same one.
+_IRREGULAR = {"won't": ["will", "not"], "can't": ["cannot"], "shan't": ["shall", "not"],
+              "ain't": ["am", "not"], "let's": ["let", "us"]}
+_SUFFIXES = (("n't", ["not"]), ("'re", ["are"]), ("'ve", ["have"]), ("'ll", ["will"]), ("'m", ["am"]),
+             ("'d", ["would"]), ("'s", ["is"]))
+
+
+def _spelled_out(word: str) -> list[str]:
+    if word in _IRREGULAR:
+        return _IRREGULAR[word]
+    for suffix, expansion in _SUFFIXES:
+        if word.endswith(suffix) and len(word) > len(suffix):
+            return [word[: -len(suffix)], *expansion]
+    return [word]
+
+
 def _words(text: str) -> list[str]:
-    """Lowercased words, punctuation dropped; a reply of symbols only keeps its symbols as one token."""
-    words = _TOKEN.findall(text.lower())
+    """Lowercased words, contractions spelled out, punctuation dropped; a reply of symbols only keeps its
+    symbols as one token."""
+    words = [part for word in _TOKEN.findall(text.lower().replace("\u2019", "'")) for part in _spelled_out(word)]
     return words or ([text.strip()] if text.strip() else [])
 
 

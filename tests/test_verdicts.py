@@ -39,13 +39,22 @@ def judged(messages, scorer=None, rules=(LOWERCASE,)):
 
 
 def test_similarity_measures_on_worked_cases():
-    # 3 shared words of 3 + 4: 2 * 3 / 7.
-    assert repeat_similarity("I'm not sure.", "I'm not sure, sorry.") == pytest.approx(6 / 7)
+    # "I'm" is spelled "i am": 4 shared words of 4 + 5, 2 * 4 / 9.
+    assert repeat_similarity("I'm not sure.", "I'm not sure, sorry.") == pytest.approx(8 / 9)
     assert repeat_similarity("Hey there!", "hey there") == 1.0
     assert repeat_similarity("I love hiking in the hills.", "Pizza is my favourite food.") == 0.0
     # "you like pizza" is all of the reply, in the user's order; "yes, I like pizza" shares 2 of 4 words.
     assert echo_share("you like pizza?", "do you like pizza?") == 1.0
     assert echo_share("yes, I like pizza", "do you like pizza?") == 0.5
+
+
+def test_a_contraction_does_not_hide_an_echo_or_a_repeat():
+    assert echo_share("How's it going?", "How is it going?") == 1.0
+    assert echo_share("How\u2019s your evening going?", "how is your evening going") == 1.0
+    assert repeat_similarity("I don't know, I can't say.", "I do not know. I cannot say.") == 1.0
+    assert repeat_similarity("We won't go.", "we will not go") == 1.0
+    # An apostrophe that is not a contraction stays one word on both sides.
+    assert echo_share("Rock 'n' roll!", "rock 'n' roll") == 1.0
 
 
 def test_exact_and_near_repeats_fail_the_gate_and_name_the_round():
