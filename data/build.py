@@ -61,6 +61,9 @@ class DataBuildConfig:
 
 
 ReplyFn = Callable[[list[list[dict[str, str]]]], list[str]]
+# Under a data build's output_dir. Its entries are keyed by what made them (model, messages, sample index),
+# not by the recipe, so a rebuild for another recipe keeps it and samples only what it has not seen.
+CACHE_DIR = "cache"
 
 
 class CachedReplies:

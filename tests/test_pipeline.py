@@ -145,3 +145,32 @@ def _strict_adherence(played: list[dict], label: str, round_number: int) -> floa
                 for dialogue in played if dialogue["model"] == label
                 for turn in dialogue["turns"] if turn["round"] == round_number and turn["checks"]]
     return sum(verdicts) / len(verdicts)
+
+
+def test_a_data_step_rebuilt_for_another_recipe_keeps_its_reply_cache(tmp_path, monkeypatch):
+    """The policy-sample cache is keyed by model and history, not recipe: a rebuild samples only what is new."""
+    from types import SimpleNamespace
+
+    from dialogrl.data.fingerprint import Fingerprint, write_fingerprint
+    from dialogrl.training import data_stage, pipeline
+
+    step_dir = tmp_path / "run" / "data"
+    (step_dir / "cache").mkdir(parents=True)
+    (step_dir / "cache" / "policy_samples.jsonl").write_text('{"key": "k", "reply": "hi"}\n')
+    (step_dir / "sft").mkdir()
+    (step_dir / "sft" / "rows.jsonl").write_text("stale\n")
+    (step_dir / "manifest.json").write_text("{}")
+    write_fingerprint(step_dir, Fingerprint({"sft.conversations": 1}, {}))  # another recipe's
+    seen_at_start: list[list[str]] = []
+
+    def fake_build(stage_recipe, log):
+        seen_at_start.append(sorted(str(p.relative_to(step_dir)) for p in step_dir.rglob("*")))
+        return {}
+
+    monkeypatch.setattr(pipeline.importlib, "import_module", lambda name: SimpleNamespace(main=fake_build))
+    stage_recipe = load_recipe(_write(tmp_path / "data.yaml", {"stage": "data", "output_dir": str(step_dir)}),
+                               expected=data_stage.DataRecipe)
+    messages: list[str] = []
+    pipeline.run_step(pipeline.PipelineStep(name="data", stage="data"), stage_recipe, step_dir, log=messages.append)
+    assert any("training from scratch" in m for m in messages), messages
+    assert seen_at_start == [["cache", "cache/policy_samples.jsonl"]]

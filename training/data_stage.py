@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dialogrl.data.build import CachedReplies, DataBuildConfig, build_all
+from dialogrl.data.build import CACHE_DIR, CachedReplies, DataBuildConfig, build_all
 from dialogrl.data.fingerprint import fingerprint, new_output_id, write_fingerprint
 from dialogrl.data.on_policy import Verdict
 from dialogrl.data.options import option
@@ -58,7 +58,7 @@ def _policy_sampling(recipe: DataRecipe, resolved, tokenizer):
     resolved_recipe = recipe_to_dict(recipe)
     model_key = fingerprint({"model": resolved_recipe["model"], "sampling": resolved_recipe["sampling"]}).digest
     engine = RolloutEngine(model, tokenizer, recipe.sampling, batch_size=recipe.generation_batch_size)
-    sample = CachedReplies(engine.reply, Path(recipe.output_dir) / "cache" / "policy_samples.jsonl", model_key)
+    sample = CachedReplies(engine.reply, Path(recipe.output_dir) / CACHE_DIR / "policy_samples.jsonl", model_key)
     scorer = build_scorer(recipe.responsiveness, scorer_loader(recipe, recipe.model))
 
     def judge(candidates):

@@ -13,7 +13,8 @@ it has now (its fingerprint) and says so; an interrupted step with the same
 fingerprint resumes from its last checkpoint (its `resume: auto`); a step whose
 recipe, overrides or inputs changed is trained again from scratch, and so is
 every step that reads its output (each output has a new `output_id`, which is
-part of its readers' fingerprints). Then the base model and
+part of its readers' fingerprints); a data step's reply cache survives that, its
+entries being keyed by model and history rather than by recipe. Then the base model and
 every evaluated checkpoint are scored by the evaluator in one report, and
 `summary.md`, `summary.json` and `adherence.png` compare them.
 """
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from dialogrl.data.build import CACHE_DIR
 from dialogrl.data.fingerprint import fingerprint, read_fingerprint
 from dialogrl.data.options import option
 from dialogrl.training import output_lock
@@ -166,7 +168,7 @@ def run_step(step: PipelineStep, stage_recipe: Any, step_dir: Path, log=print) -
         changes = current.changes_from(before) if before is not None else ["(no fingerprint.json: unknown recipe)"]
         log(f"[{step.name}] outputs in {step_dir} are from another recipe or other inputs; training from scratch. "
             f"Changed: {'; '.join(changes)}")
-        shutil.rmtree(step_dir)
+        _clear_for_rebuild(step_dir)
     log(f"[{step.name}] running dialogrl {step.stage if step.stage != 'data' else 'data build'} -> {step_dir}")
     started = time.perf_counter()
     module = importlib.import_module(STAGE_MODULES[step.stage])
@@ -178,6 +180,16 @@ def run_step(step: PipelineStep, stage_recipe: Any, step_dir: Path, log=print) -
               "metrics": result.get("metrics") if isinstance(result, dict) else None}
     (step_dir / STEP_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return {"name": step.name, "stage": step.stage, "skipped": False, "dir": str(step_dir)} | record
+
+
+def _clear_for_rebuild(step_dir: Path) -> None:
+    for entry in step_dir.iterdir():
+        if entry.name == CACHE_DIR and entry.is_dir():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _recorded_step(step_dir: Path) -> dict[str, Any]:
