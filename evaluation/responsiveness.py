@@ -140,7 +140,7 @@ class ResponsivenessScorer:
         self.tokenizer = tokenizer
         self.config = config
         self.panel = [list(context) for context in contrast_pool[: config.negatives]]
-        self._panel_prefixes: list[tuple[Any, int, int]] | None = None  # (cache layers, length, last token)
+        self._panel_prefixes: _PanelPrefix | None = None
         self.scored_replies = 0
         self.scored_tokens = 0
         self.seconds = 0.0
@@ -246,10 +246,13 @@ class ResponsivenessScorer:
     def panel_log_likelihoods(self, replies: Sequence[str]) -> list[list[float]]:
         """log p(reply | panel context j) for every reply and panel context, as [reply][j].
 
-        Each panel context but its last token is run once and its KV cache kept
-        (`_panel_prefix`); a batch of replies then runs only [last context token,
-        reply tokens], right-padded (padding after a row's end is never attended
-        by its real tokens), on that cache broadcast to the batch's rows.
+        Each panel context but its last token is run once and its KV cache kept, the
+        caches of all panel contexts stacked left-padded to one length (`_panel_prefix`).
+        Every (reply, panel context) pair is then one row of [last context token, reply
+        tokens], right-padded, on its context's cache: rows of different contexts share a
+        forward pass, which matters when few replies are scored at once (the data build
+        judges a handful per round), where one pass per context ran small, overhead-bound
+        matrix products. Padding is never attended by a row's real tokens.
         """
         import torch
         from transformers.cache_utils import DynamicCache
@@ -257,35 +260,40 @@ class ResponsivenessScorer:
         reply_ids = [self._reply_ids(reply) for reply in replies]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         device = next(self.model.parameters()).device
+        prefix = self._panel_prefix()
+        pairs = [(i, j) for i in range(len(replies)) for j in range(len(self.panel))]
+        self.scored_tokens += sum(len(reply_ids[i]) + 1 for i, _ in pairs)
         out = [[0.0] * len(self.panel) for _ in replies]
-        for j, (layers, cached, last_token) in enumerate(self._panel_prefix()):
-            self.scored_tokens += sum(len(ids) + 1 for ids in reply_ids)
-            for rows in self._batches([(len(reply_ids[i]) + 1, len(reply_ids[i]) + 1) for i in range(len(replies))]):
-                width = max(len(reply_ids[i]) for i in rows) + 1
-                input_ids = torch.tensor([[last_token, *reply_ids[i], *[pad] * (width - 1 - len(reply_ids[i]))]
-                                          for i in rows], device=device)
-                attention = torch.tensor([[1] * (cached + 1 + len(reply_ids[i])) + [0] * (width - 1 - len(reply_ids[i]))
-                                          for i in rows], device=device)
-                positions = torch.arange(cached, cached + width, device=device).expand(len(rows), -1)
-                cache = DynamicCache([(k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1))
-                                      for k, v in layers]) if cached else None
-                with torch.inference_mode():
-                    logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                                        past_key_values=cache, use_cache=cache is not None).logits
-                # logits[:, t] predicts input_ids[:, t + 1]: the reply's tokens are 1..n.
-                token_logps = _token_logps(logits[:, :-1], input_ids[:, 1:])
-                for row, i in enumerate(rows):
-                    out[i][j] = float(token_logps[row, : len(reply_ids[i])].sum())
+        for rows in self._batches([(len(reply_ids[i]) + 1, len(reply_ids[i]) + 1) for i, _ in pairs]):
+            batch = [pairs[r] for r in rows]
+            width = max(len(reply_ids[i]) for i, _ in batch) + 1
+            input_ids = torch.tensor([[prefix.last_tokens[j], *reply_ids[i], *[pad] * (width - 1 - len(reply_ids[i]))]
+                                      for i, j in batch], device=device)
+            attention = torch.tensor([[0] * (prefix.width - prefix.lengths[j])  # the context's left padding
+                                      + [1] * (prefix.lengths[j] + 1 + len(reply_ids[i]))
+                                      + [0] * (width - 1 - len(reply_ids[i])) for i, j in batch], device=device)
+            contexts = torch.tensor([j for _, j in batch], device=device)
+            positions = torch.tensor([prefix.lengths[j] for _, j in batch], device=device)[:, None] \
+                + torch.arange(width, device=device)
+            cache = DynamicCache([(k.index_select(0, contexts), v.index_select(0, contexts)) for k, v in prefix.layers]) \
+                if prefix.width else None
+            with torch.inference_mode():
+                logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                                    past_key_values=cache, use_cache=cache is not None).logits
+            # logits[:, t] predicts input_ids[:, t + 1]: the reply's tokens are 1..n.
+            token_logps = _token_logps(logits[:, :-1], input_ids[:, 1:])
+            for row, (i, j) in enumerate(batch):
+                out[i][j] = float(token_logps[row, : len(reply_ids[i])].sum())
         return out
 
-    def _panel_prefix(self) -> list[tuple[Any, int, int]]:
-        """Per panel context: (its KV cache as per-layer (keys, values) of one row, cached length, last token)."""
+    def _panel_prefix(self) -> _PanelPrefix:
+        """The panel contexts' KV caches (all but each context's last token), built once."""
         import torch
         from transformers.cache_utils import DynamicCache
 
         if self._panel_prefixes is None:
             device = next(self.model.parameters()).device
-            self._panel_prefixes = []
+            caches, lengths, last_tokens = [], [], []
             for context in self.panel:
                 ids = self._prompt_ids(context)
                 self.scored_tokens += len(ids) - 1
@@ -296,8 +304,43 @@ class ResponsivenessScorer:
                         self.model(input_ids=torch.tensor([ids[:-1]], device=device), past_key_values=cache,
                                    use_cache=True, logits_to_keep=1)
                     layers = [(layer.keys, layer.values) for layer in cache.layers]
-                self._panel_prefixes.append((layers, len(ids) - 1, ids[-1]))
+                caches.append(layers)
+                lengths.append(len(ids) - 1)
+                last_tokens.append(ids[-1])
+            self._panel_prefixes = _PanelPrefix.stacked(caches, lengths, last_tokens)
         return self._panel_prefixes
+
+
+@dataclass
+class _PanelPrefix:
+    """The panel's KV caches as per-layer (keys, values) of shape [contexts, heads, width, head_dim], each
+    context's cache left-padded to `width` (its real length in `lengths`), and each context's last token."""
+
+    layers: list[tuple[Any, Any]]
+    lengths: list[int]
+    last_tokens: list[int]
+    width: int
+
+    @classmethod
+    def stacked(cls, caches: list[list[tuple[Any, Any]]], lengths: list[int], last_tokens: list[int]) -> _PanelPrefix:
+        import torch
+
+        width = max(lengths)
+        if width == 0:
+            return cls([], lengths, last_tokens, 0)
+        template = next(layers for layers in caches if layers)
+
+        def left_padded(tensor, length: int, like):
+            if length == 0:
+                return like.new_zeros((1, like.shape[1], width, like.shape[3]))
+            return torch.nn.functional.pad(tensor, (0, 0, width - length, 0))
+
+        layers = []
+        for layer, (like, _) in enumerate(template):
+            keys = [left_padded(c[layer][0] if c else None, n, like) for c, n in zip(caches, lengths, strict=True)]
+            values = [left_padded(c[layer][1] if c else None, n, like) for c, n in zip(caches, lengths, strict=True)]
+            layers.append((torch.cat(keys), torch.cat(values)))
+        return cls(layers, lengths, last_tokens, width)
 
 
 def _token_logps(logits, targets):

@@ -142,6 +142,21 @@ def test_panel_log_likelihoods_on_cached_prefixes_equal_full_passes(tiny_scorer)
             assert value == pytest.approx(_unbatched_logp(tiny_scorer, context, reply), abs=1e-3)
 
 
+def test_panel_contexts_of_different_lengths_share_passes_and_equal_full_passes(tiny_scorer):
+    # The stacked panel cache is left-padded to its longest context; the padding must never be attended.
+    pool = [[{"role": "user", "content": "hi"}],
+            [{"role": "user", "content": "tell me everything you know about the long history of the city of rome"}],
+            [{"role": "user", "content": "what now?"}, {"role": "assistant", "content": "we wait and see"},
+             {"role": "user", "content": "for how long"}]]
+    scorer = ResponsivenessScorer(tiny_scorer.model, tiny_scorer.tokenizer,
+                                  ResponsivenessConfig(context_messages=3, negatives=3, batch_tokens=40), pool)
+    replies = ["a dog", "a much longer reply that goes on for quite a few more words", "ok then"]
+    assert len({len(scorer._prompt_ids(context)) for context in pool}) == 3
+    for reply, row in zip(replies, scorer.panel_log_likelihoods(replies), strict=True):
+        for context, value in zip(pool, row, strict=True):
+            assert value == pytest.approx(_unbatched_logp(scorer, context, reply), abs=1e-3)
+
+
 def test_pmi_is_own_minus_log_mean_over_the_panel_and_order_free(tiny_scorer):
     context = [{"role": "user", "content": "do you have any pets at home?"}]
     assert len(tiny_scorer.panel) == 3 and context not in tiny_scorer.panel
