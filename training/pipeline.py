@@ -168,7 +168,7 @@ def run_step(step: PipelineStep, stage_recipe: Any, step_dir: Path, log=print) -
         changes = current.changes_from(before) if before is not None else ["(no fingerprint.json: unknown recipe)"]
         log(f"[{step.name}] outputs in {step_dir} are from another recipe or other inputs; training from scratch. "
             f"Changed: {'; '.join(changes)}")
-        _clear_for_rebuild(step_dir)
+        _clear_for_rebuild(step_dir, keep=(CACHE_DIR,) if step.stage == "data" else ())
     log(f"[{step.name}] running dialogrl {step.stage if step.stage != 'data' else 'data build'} -> {step_dir}")
     started = time.perf_counter()
     module = importlib.import_module(STAGE_MODULES[step.stage])
@@ -182,9 +182,9 @@ def run_step(step: PipelineStep, stage_recipe: Any, step_dir: Path, log=print) -
     return {"name": step.name, "stage": step.stage, "skipped": False, "dir": str(step_dir)} | record
 
 
-def _clear_for_rebuild(step_dir: Path) -> None:
+def _clear_for_rebuild(step_dir: Path, keep: tuple[str, ...]) -> None:
     for entry in step_dir.iterdir():
-        if entry.name == CACHE_DIR and entry.is_dir():
+        if entry.name in keep and entry.is_dir():
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
