@@ -152,3 +152,37 @@ def test_data_check_names_the_row_and_field_of_a_malformed_tool_call(tmp_path):
     assert "row 2" in out.stdout and "messages[2].tool_calls[0].function.arguments" in out.stdout
     assert "not valid JSON" in out.stdout
     assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_reward_score_renders_a_rows_tools_as_training_did(tool_model_dir, tmp_path):
+    """A reward model trained on tool rows saw their tool list in the prompt; scoring without it scores
+    another text."""
+    import torch
+    from test_stages import write_pairs
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from dialogrl.data.chat_tokens import ChatTokenizer
+    from dialogrl.training import reward
+    from dialogrl.training.reward_cli import score_file
+
+    model_dir = tmp_path / "rm"
+    reward.main(recipe("reward", tool_model_dir, write_pairs(tmp_path / "pairs.jsonl", 8), model_dir,
+                       "training.max_steps=1", "data.eval_fraction=0"), log=lambda _: None)
+    rows = tmp_path / "tools.jsonl"
+    rows.write_text(json.dumps(weather_row()) + "\n")
+    assert score_file(str(model_dir), str(rows), output=str(tmp_path / "scores.jsonl")) == 0
+    (scored,) = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    chat = ChatTokenizer(AutoTokenizer.from_pretrained(model_dir))
+    record = normalise_row(weather_row())
+
+    def score_of_last_turn(tools):
+        rendered = chat(record.messages, tools)
+        end = max(i for i, bit in enumerate(rendered.assistant_mask) if bit)
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([rendered.input_ids[: end + 1]])).logits[0, 0].item()
+
+    assert len(scored["scores"]) == 2
+    assert scored["scores"][-1] == pytest.approx(score_of_last_turn(record.tools), abs=1e-4)
+    assert scored["scores"][-1] != pytest.approx(score_of_last_turn(None), abs=1e-4)

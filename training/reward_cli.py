@@ -35,7 +35,7 @@ def score_file(model_dir: str, source: str, *, split: str = "train", turns: str 
     model = load_scorer(ModelConfig(name_or_path=model_dir), resolved, trained_head=True).eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores = score_conversations(model, chat, [r.messages for r in conversations], pad_id=pad_id,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, tools=[r.tools for r in conversations])
     lines = []
     for record, row_scores in zip(conversations, scores, strict=True):
         value = {"scores": row_scores} if turns == "all" else {"score": row_scores[-1]}

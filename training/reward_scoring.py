@@ -68,9 +68,10 @@ def turn_end_positions(assistant_mask: Sequence[int]) -> list[int]:
 
 
 def score_conversations(model, chat, conversations: Sequence[Sequence[dict[str, str]]], *, pad_id: int,
-                        batch_size: int = 8) -> list[list[float]]:
-    """Per conversation, the score after each assistant turn."""
-    tokens = chat.tokenize_many(conversations)
+                        batch_size: int = 8, tools: Sequence[Any] | None = None) -> list[list[float]]:
+    """Per conversation, the score after each assistant turn; `tools[i]` is the tool list conversation i's
+    template renders (as training rendered it: a reward model never saw a tool conversation without it)."""
+    tokens = chat.tokenize_many(conversations, tools)
     ends = [turn_end_positions(t.assistant_mask) for t in tokens]
     return scores_at(model, [t.input_ids for t in tokens], ends, pad_id=pad_id, batch_size=batch_size)
 
