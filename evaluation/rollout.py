@@ -215,6 +215,10 @@ class RolloutEngine:
         # `_length_groups` weighs it against the padding a group saves.
         self.group_overhead_tokens = 32
         self.prefill_groups = 0  # forward passes run by _prefill, over all rounds
+        # Rows holding exactly the same tokens (the k samples of one history, the siblings of a turn group once
+        # they are copies of the continued one) get their keys and values from one row's pass.
+        self.share_identical_rows = True
+        self.rows_prefilled_as_copies = 0
         self._with_tokens = False
 
     def play(self, dialogues: Sequence[DialogueSpec], rounds: int, *, with_tokens: bool = False) -> list[Trajectory]:
@@ -238,7 +242,7 @@ class RolloutEngine:
         dialogue goes on with one of them picked at random (seeded): its row state and
         KV cache are copied over the other siblings' rows, so the shared history is
         never re-encoded. The round's new segment (turn markers, the user turn) is run
-        once per sibling: it is short next to the replies. Returns the dialogues as
+        once for all siblings, their rows being identical then. Returns the dialogues as
         played (the continued replies) and every round's group.
         """
         import random
@@ -605,7 +609,35 @@ class RolloutEngine:
         return merged
 
     def _forward_group(self, batch: list[_Row], group_cache, cached: int) -> None:
-        """Run the rows of one length group from position `cached` on, appending to `group_cache`."""
+        """Run the rows of one length group from position `cached` on, appending to `group_cache`.
+
+        Identical rows (same tokens, same mask, so the same cached prefix) have identical keys and values:
+        each distinct row is run once and `group_cache` gets a copy per row. With k samples per history the
+        prefill, about as costly as the decoding here, is run once instead of k times.
+        """
+        import torch
+        from transformers.cache_utils import DynamicCache
+
+        distinct: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+        source = [distinct.setdefault((tuple(row.positions.tokens), tuple(row.positions.attention)), len(distinct))
+                  for row in batch]
+        if not self.share_identical_rows or len(distinct) == len(batch):
+            self._forward_rows(batch, group_cache, cached)
+            return
+        firsts = [source.index(k) for k in range(len(distinct))]  # ids were given in order of first sight
+        device = self.model.device
+        scratch = DynamicCache()
+        if cached:
+            index = torch.tensor(firsts, device=device)
+            scratch = DynamicCache([(layer.keys[index, :, :cached], layer.values[index, :, :cached])
+                                    for layer in group_cache.layers])
+        self._forward_rows([batch[i] for i in firsts], scratch, cached)
+        copies = torch.tensor(source, device=device)
+        for layer_index, layer in enumerate(scratch.layers):
+            group_cache.update(layer.keys[copies, :, cached:], layer.values[copies, :, cached:], layer_index)
+        self.rows_prefilled_as_copies += len(batch) - len(firsts)
+
+    def _forward_rows(self, batch: list[_Row], group_cache, cached: int) -> None:
         import torch
 
         device = self.model.device

@@ -266,10 +266,47 @@ def test_pressure_turns_replace_the_base_turn_at_their_rounds():
 # --------------------------------------------------------------------------- turn groups (group-relative RL)
 
 
-def play_groups(model, tokenizer, siblings=3, batch_size=6):
+def play_groups(model, tokenizer, siblings=3, batch_size=6, share_identical_rows=True, engine_out=None):
     engine = RolloutEngine(model, tokenizer, SamplingConfig(max_new_tokens=10, temperature=1.0, seed=3),
                            batch_size=batch_size, chunk_tokens=4)
+    engine.share_identical_rows = share_identical_rows
+    if engine_out is not None:
+        engine_out.append(engine)
     return engine.play_turn_groups(specs(), rounds=4, siblings=siblings)
+
+
+def test_siblings_are_prefilled_once_a_dialogue_and_play_as_if_every_row_ran(model_and_tokenizer):
+    """At every round a dialogue's siblings are identical rows (copies of the continued one): the new segment
+    runs once for them, and the sampled play is token for token what running every row gives."""
+    model, tokenizer = model_and_tokenizer
+    engines = []
+    _played, shared = play_groups(model, tokenizer, engine_out=engines)
+    _played, apart = play_groups(model, tokenizer, share_identical_rows=False)
+    assert engines[0].rows_prefilled_as_copies == 2 * len(shared)  # 3 siblings: 2 copies per dialogue and round
+    assert [(g.dialogue_index, g.round_number, g.continued) for g in shared] == [
+        (g.dialogue_index, g.round_number, g.continued) for g in apart]
+    for a, b in zip(shared, apart, strict=True):
+        assert [t.token_ids for t in a.replies] == [t.token_ids for t in b.replies]
+        for x, y in zip(a.replies, b.replies, strict=True):
+            assert x.logprobs == pytest.approx(y.logprobs, abs=1e-4)
+
+
+def test_k_samples_of_one_history_share_its_prefill_and_stay_independent(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    history = [{"role": "system", "content": "Answer in lowercase."},
+               {"role": "user", "content": "I have a dog named Rex who loves long walks"}]
+    other = [{"role": "user", "content": "good morning!"}]
+
+    def replies(share):
+        engine = RolloutEngine(model, tokenizer, SamplingConfig(max_new_tokens=10, temperature=1.0, seed=5),
+                               batch_size=8)
+        engine.share_identical_rows = share
+        return engine.reply([history] * 3 + [other]), engine
+
+    shared, engine = replies(True)
+    assert engine.rows_prefilled_as_copies == 2
+    assert shared == replies(False)[0]
+    assert len(set(shared[:3])) > 1  # the copies are sampled independently
 
 
 def test_turn_group_siblings_share_their_history_token_for_token(model_and_tokenizer):
